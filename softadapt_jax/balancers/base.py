@@ -1,0 +1,232 @@
+"""The shape every loss-statistics balancer shares: a state pytree and ``(init, update)``.
+
+A balancer turns the stream of per-step component losses ``[K]`` into weights
+``[K]``. All of them keep the same :class:`BalancerState` (a history window of
+recent losses, counters, the current weights) plus a method-specific
+``method_state`` pytree, and differ only in a *weight rule*: a pure function
+from that history to new weights. :func:`make_balancer` wraps a rule with the
+scheduling every method needs:
+
+* ``window``: how many history entries the rule sees (oldest first).
+* ``accumulate``: average the losses of n steps into one history entry
+  (e.g. all batches of an epoch).
+* ``update_every``: recompute the weights every n steps, hold them between.
+* warm-up: until the window is full the weights are uniform, on the same scale
+  as the adaptive weights (``1/K`` each for rules whose weights sum to 1, 1 each
+  for rules whose weights sum to K), so adaptation starts without a jump.
+* non-finite losses never enter the state: the whole update is rejected and
+  ``rejected`` counts it.
+* ``setpoint``: fixed prior coefficients that multiply the adaptive weights,
+  so a user's intended ratio between losses is kept.
+
+Step semantics of ``update(losses, state)``, in order: reject non-finite
+losses; add the losses to the accumulator; every ``accumulate`` steps push the
+mean as one history entry; count the step; if the window is full, the step
+count is a multiple of ``update_every`` and an entry was just pushed, apply the
+rule. The returned weights are meant for the *next* step: weights are always
+computed from past losses only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from softadapt_jax import _checks
+
+PyTree = Any
+
+
+class BalancerState(NamedTuple):
+    """State of any loss-statistics balancer.
+
+    Attributes:
+      history: ``[window, K]`` recent loss entries, oldest first (float32, or
+        the dtype given to the balancer). Entries not yet filled are 0.
+      initial: ``[K]`` the first history entry pushed (0 before that); the
+        reference of rules that compare with the initial losses.
+      filled: int32, number of valid history entries (<= window).
+      count: int32, number of accepted steps.
+      rejected: int32, number of steps rejected for non-finite losses.
+      accum: ``[K]`` sum of the losses accumulated towards the next entry.
+      accum_count: int32, number of steps in ``accum``.
+      weights: ``[K]`` current weights (already multiplied by the set-point).
+      method_state: method-specific pytree (PRNG key, moving averages, ...).
+    """
+
+    history: jax.Array
+    initial: jax.Array
+    filled: jax.Array
+    count: jax.Array
+    rejected: jax.Array
+    accum: jax.Array
+    accum_count: jax.Array
+    weights: jax.Array
+    method_state: PyTree
+
+
+class WeightRule(Protocol):
+    """A method's weight computation: ``(history, initial, method_state) -> (weights, method_state)``.
+
+    ``history`` is the full ``[window, K]`` window (the rule is only called once
+    it is full), ``initial`` the ``[K]`` first entry. The rule must be pure and
+    jittable, and return finite weights for finite input.
+    """
+
+    def __call__(
+        self, history: jax.Array, initial: jax.Array, method_state: PyTree, /
+    ) -> tuple[jax.Array, PyTree]: ...
+
+
+class Balancer(NamedTuple):
+    """A loss balancer: a pair of pure functions and its static size.
+
+    Attributes:
+      init: ``() -> BalancerState``.
+      update: ``(losses [K], state) -> (weights [K], state)``.
+      num_losses: K, the number of loss components.
+      weights_sum: what the weights sum to before the set-point (1.0 or K).
+      name: a short name for tables and logs.
+    """
+
+    init: Callable[[], BalancerState]
+    update: Callable[[jax.Array, BalancerState], tuple[jax.Array, BalancerState]]
+    num_losses: int
+    weights_sum: float
+    name: str
+
+
+def check_losses(losses: Any, num_losses: int, name: str = "losses") -> jax.Array:
+    """Validates a ``[K]`` loss vector against the balancer's K (at trace time)."""
+    arr = _checks.as_float_array(losses, name)
+    if arr.shape != (num_losses,):
+        raise ValueError(
+            f"`{name}` must have shape [K]=({num_losses},) to match the balancer's "
+            f"num_losses={num_losses}, got shape {tuple(arr.shape)}."
+        )
+    return arr
+
+
+def check_setpoint(setpoint: Any, num_losses: int) -> jax.Array | None:
+    """Validates optional set-point coefficients ``[K]`` (finite, >= 0 when concrete)."""
+    if setpoint is None:
+        return None
+    arr = _checks.as_float_array(setpoint, "setpoint")
+    if arr.shape != (num_losses,):
+        raise ValueError(f"`setpoint` must have shape ({num_losses},), got {tuple(arr.shape)}.")
+    if not isinstance(arr, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(arr) & (arr >= 0))):
+        raise ValueError(f"`setpoint` must be finite and >= 0, got {arr}.")
+    return arr
+
+
+def make_balancer(
+    rule: WeightRule,
+    *,
+    num_losses: int,
+    window: int,
+    weights_sum: float,
+    init_method_state: PyTree = (),
+    update_every: int = 1,
+    accumulate: int = 1,
+    setpoint: Any = None,
+    dtype: Any = None,
+    name: str = "balancer",
+) -> Balancer:
+    """Wraps a weight rule with the shared history, scheduling and robustness.
+
+    Args:
+      rule: the method's :class:`WeightRule`.
+      num_losses: K >= 1.
+      window: number of history entries the rule needs (>= 1).
+      weights_sum: what the rule's weights sum to (1.0 or K); the warm-up
+        weights are uniform on that scale.
+      init_method_state: the method's initial ``method_state`` pytree.
+      update_every: recompute the weights every this many steps (>= 1).
+      accumulate: average this many steps into one history entry (>= 1).
+      setpoint: optional ``[K]`` non-negative coefficients multiplying the
+        weights (warm-up weights included).
+      dtype: history dtype; default float32 (float64 when x64 is enabled).
+        Half-precision losses are stored in this dtype, never in half.
+      name: label for logs and tables.
+
+    Returns:
+      A :class:`Balancer`.
+    """
+    k = _checks.check_positive_int(num_losses, "num_losses")
+    window = _checks.check_positive_int(window, "window")
+    update_every = _checks.check_positive_int(update_every, "update_every")
+    accumulate = _checks.check_positive_int(accumulate, "accumulate")
+    prior = check_setpoint(setpoint, k)
+    hist_dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
+    if not jnp.issubdtype(hist_dtype, jnp.floating) or jnp.finfo(hist_dtype).bits < 32:
+        raise ValueError(f"`dtype` must be float32 or float64, got {hist_dtype}.")
+
+    def apply_setpoint(w: jax.Array) -> jax.Array:
+        return w if prior is None else w * prior.astype(w.dtype)
+
+    def init() -> BalancerState:
+        zeros = jnp.zeros((k,), hist_dtype)
+        i32 = jnp.zeros((), jnp.int32)
+        return BalancerState(
+            history=jnp.zeros((window, k), hist_dtype),
+            initial=zeros,
+            filled=i32,
+            count=i32,
+            rejected=i32,
+            accum=zeros,
+            accum_count=i32,
+            weights=apply_setpoint(jnp.full((k,), weights_sum / k, hist_dtype)),
+            method_state=init_method_state,
+        )
+
+    def accepted_update(losses: jax.Array, state: BalancerState) -> BalancerState:
+        accum = state.accum + losses
+        accum_count = state.accum_count + 1
+        push = accum_count >= accumulate
+        entry = accum / accum_count.astype(hist_dtype)
+        history = jnp.where(push, jnp.concatenate([state.history[1:], entry[None]]), state.history)
+        initial = jnp.where(push & (state.filled == 0), entry, state.initial)
+        filled = jnp.where(push, jnp.minimum(state.filled + 1, window), state.filled)
+        count = state.count + 1
+        recompute = push & (filled >= window) & (count % update_every == 0)
+
+        def run_rule(_: None) -> tuple[jax.Array, PyTree]:
+            w, ms = rule(history, initial, state.method_state)
+            return apply_setpoint(w.astype(hist_dtype)), ms
+
+        def hold(_: None) -> tuple[jax.Array, PyTree]:
+            return state.weights, state.method_state
+
+        weights, method_state = jax.lax.cond(recompute, run_rule, hold, None)
+        return BalancerState(
+            history=history,
+            initial=initial,
+            filled=filled,
+            count=count,
+            rejected=state.rejected,
+            accum=jnp.where(push, jnp.zeros_like(accum), accum),
+            accum_count=jnp.where(push, 0, accum_count),
+            weights=weights,
+            method_state=method_state,
+        )
+
+    def update(losses: Any, state: BalancerState) -> tuple[jax.Array, BalancerState]:
+        losses = jax.lax.stop_gradient(check_losses(losses, k)).astype(hist_dtype)
+        if state.history.shape != (window, k):
+            raise ValueError(
+                f"`state.history` has shape {tuple(state.history.shape)}, but this balancer "
+                f"expects [window, K]=({window}, {k}); was the state made by another balancer?"
+            )
+        finite = jnp.all(jnp.isfinite(losses))
+        state = jax.lax.cond(
+            finite,
+            lambda s: accepted_update(losses, s),
+            lambda s: s._replace(rejected=s.rejected + 1),
+            state,
+        )
+        return state.weights, state
+
+    return Balancer(init=init, update=update, num_losses=k, weights_sum=float(weights_sum), name=name)

@@ -1,0 +1,81 @@
+"""SoftAdapt as a balancer: the weight functions of :mod:`softadapt_jax.weights` over a history window."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from softadapt_jax import _checks
+from softadapt_jax.balancers.base import Balancer, make_balancer
+from softadapt_jax.slopes import resolve_accuracy_order
+from softadapt_jax.weights import REFERENCE_EPS, VARIANTS, SoftAdaptOptions, Variant, _weights
+
+SOFTADAPT_REFERENCES: tuple[str, ...] = ("initial", "window_mean")
+
+
+def softadapt_balancer(
+    beta: Any = 0.1,
+    *,
+    num_losses: int,
+    variant: Variant = "loss_weighted",
+    window: int = 5,
+    accuracy_order: int | None = None,
+    update_every: int = 1,
+    accumulate: int = 1,
+    setpoint: Any = None,
+    relative_to: str = "initial",
+    stencil: str = "forward",
+    scale: str = "none",
+    normalization: str = "sum",
+    sum_to_k: bool = False,
+    eps: float = REFERENCE_EPS,
+    dtype: Any = None,
+) -> Balancer:
+    """SoftAdapt weights recomputed from a window of recent losses.
+
+    Args:
+      beta: temperature (scalar, may be an array or traced, e.g. scheduled by
+        ``optax.inject_hyperparams``).
+      num_losses: K, the number of loss components.
+      variant: ``"original"``, ``"normalized"`` or ``"loss_weighted"`` (the
+        seed README's recommendation, and the default here).
+      window: number of history entries (T of :func:`softadapt_weights`), >= 2.
+      accuracy_order: finite-difference order; ``None`` uses ``window - 1``.
+      update_every: recompute the weights every n steps, hold them between.
+      accumulate: average the losses of n steps into one history entry.
+      setpoint: optional ``[K]`` prior coefficients multiplying the weights.
+      relative_to: with ``scale="relative"``: ``"initial"`` divides each loss by
+        its first recorded value, ``"window_mean"`` by its mean over the window.
+      stencil, scale, normalization, sum_to_k, eps: see :class:`SoftAdaptOptions`.
+      dtype: history dtype (float32 by default; float64 under x64).
+
+    Returns:
+      A :class:`Balancer` whose weights sum to 1 (K with ``sum_to_k``), times
+      the set-point.
+    """
+    _checks.check_choice(variant, "variant", VARIANTS)
+    _checks.check_choice(relative_to, "relative_to", SOFTADAPT_REFERENCES)
+    opts = SoftAdaptOptions(
+        stencil=stencil, scale=scale, normalization=normalization, sum_to_k=sum_to_k, eps=eps
+    )
+    window = _checks.check_positive_int(window, "window", minimum=2)
+    resolve_accuracy_order(accuracy_order, window)
+    k = _checks.check_positive_int(num_losses, "num_losses")
+
+    def rule(history: jax.Array, initial: jax.Array, method_state: Any) -> tuple[jax.Array, Any]:
+        reference = initial if (opts.scale == "relative" and relative_to == "initial") else None
+        b = _checks.check_scalar(beta, "beta").astype(history.dtype)
+        return _weights(history, b, variant, accuracy_order, opts, reference), method_state
+
+    return make_balancer(
+        rule,
+        num_losses=k,
+        window=window,
+        weights_sum=float(k) if opts.sum_to_k else 1.0,
+        update_every=update_every,
+        accumulate=accumulate,
+        setpoint=setpoint,
+        dtype=dtype,
+        name=f"softadapt_{variant}",
+    )
