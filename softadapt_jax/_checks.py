@@ -46,7 +46,9 @@ def as_float_array(x: Any, name: str) -> jax.Array:
 def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
     """Returns ``value`` as an int, or raises if it is not an integer >= minimum."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"`{name}` must be an integer >= {minimum}, got {value!r} of type {type(value).__name__}.")
+        raise TypeError(
+            f"`{name}` must be an integer >= {minimum}, got {value!r} of type {type(value).__name__}."
+        )
     if value < minimum:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value}.")
     return int(value)

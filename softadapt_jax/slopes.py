@@ -47,7 +47,7 @@ SLOPE_SCALES: tuple[str, ...] = ("none", "log", "relative")
 SLOPE_OPTIONS: tuple[str, ...] = ("stencil", "scale", "reference")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def finite_difference_coefficients(accuracy_order: int, stencil: Stencil = "forward") -> tuple[Fraction, ...]:
     """Exact coefficients of a first derivative over ``accuracy_order + 1`` points.
 
