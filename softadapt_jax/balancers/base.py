@@ -168,16 +168,21 @@ def make_balancer(
         return w if prior is None else w * prior.astype(w.dtype)
 
     def init() -> BalancerState:
-        zeros = jnp.zeros((k,), hist_dtype)
-        i32 = jnp.zeros((), jnp.int32)
+        # Distinct arrays per field: aliased leaves break buffer donation.
+        def zeros() -> jax.Array:
+            return jnp.zeros((k,), hist_dtype)
+
+        def i32() -> jax.Array:
+            return jnp.zeros((), jnp.int32)
+
         return BalancerState(
             history=jnp.zeros((window, k), hist_dtype),
-            initial=zeros,
-            filled=i32,
-            count=i32,
-            rejected=i32,
-            accum=zeros,
-            accum_count=i32,
+            initial=zeros(),
+            filled=i32(),
+            count=i32(),
+            rejected=i32(),
+            accum=zeros(),
+            accum_count=i32(),
             weights=apply_setpoint(jnp.full((k,), weights_sum / k, hist_dtype)),
             method_state=init_method_state,
         )
