@@ -69,7 +69,7 @@ def main() -> None:
     state = training.replicate(initial_state())
     pstep = training.make_pmap_train_step(loss_components)
     for _ in range(steps):
-        state, metrics = pstep(state, training.shard_batch(local))
+        state, _metrics = pstep(state, training.shard_batch(local))
     host = jax.device_get(state)
     replicas_equal = all(
         bool(np.array_equal(leaf[0], leaf[i]))

@@ -20,7 +20,7 @@ import softadapt_jax as sj
 from softadapt_jax import training
 
 sys.path.insert(0, str(Path(__file__).parent))
-import multihost_worker as mw  # noqa: E402
+import multihost_worker as mw
 
 NUM_STEPS = 8
 
@@ -96,9 +96,9 @@ def test_wrong_length_loss_vector_names_shapes(batch: dict) -> None:
 
 def test_batch_not_divisible_by_devices(batch: dict) -> None:
     odd = jax.tree.map(lambda a: a[:30], batch)
-    with pytest.raises(ValueError, match="leading axis 30.*4 devices"):
+    with pytest.raises(ValueError, match=r"leading axis 30.*4 devices"):
         training.shard_batch(odd, 4)
-    step, place = training.make_sharded_train_step(mw.loss_components, training.data_mesh())
+    _step, place = training.make_sharded_train_step(mw.loss_components, training.data_mesh())
     with pytest.raises(ValueError, match="leading axis 30"):
         place(mw.initial_state(), odd)
 
