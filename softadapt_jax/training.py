@@ -40,7 +40,8 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from softadapt_jax.transform import get_weights, value_and_weighted_grad
+from softadapt_jax.statistics import compute_statistic, statistic_shape
+from softadapt_jax.transform import find_balancer_states, get_weights, value_and_weighted_grad
 
 LossComponentsFn = Callable[[Any, Any], Any]
 Metrics = dict[str, jax.Array]
@@ -54,18 +55,23 @@ class BalancedTrainState(train_state.TrainState):
     ``tx`` would not see the losses.
     """
 
-    def apply_gradients(self, *, grads: Any, losses: Any = None, **kwargs: Any) -> BalancedTrainState:
+    def apply_gradients(
+        self, *, grads: Any, losses: Any = None, statistics: Any = None, **kwargs: Any
+    ) -> BalancedTrainState:
         """Applies ``grads`` and records ``losses`` (``[K]``) in the balancer.
 
         Args:
           grads: gradients with the structure of ``params``.
           losses: the current component losses, forwarded to ``tx.update``.
+          statistics: the gradient statistic for balancers that need one.
           **kwargs: other dataclass fields to replace, as in Flax.
 
         Returns:
           The updated state (``step`` + 1).
         """
-        updates, opt_state = self.tx.update(grads, self.opt_state, self.params, losses=losses)
+        updates, opt_state = self.tx.update(
+            grads, self.opt_state, self.params, losses=losses, statistics=statistics
+        )
         return self.replace(
             step=self.step + 1,
             params=optax.apply_updates(self.params, updates),
@@ -79,8 +85,40 @@ class BalancedTrainState(train_state.TrainState):
         return get_weights(self.opt_state)
 
 
+def _statistics_if_due(
+    opt_state: Any,
+    loss_components_fn: LossComponentsFn,
+    params: Any,
+    batch: Any,
+    residuals_fn: Callable[..., Any] | None,
+    axis_name: str | None,
+) -> jax.Array | None:
+    """The gradient statistic a balancer in ``opt_state`` needs, computed only when due."""
+    states = find_balancer_states(opt_state)
+    kind = getattr(states[0].method_state, "statistic", None) if len(states) == 1 else None
+    if kind is None:
+        return None
+    bstate = states[0]
+    shape = statistic_shape(kind, bstate.weights.shape[0])
+
+    def compute(_: None) -> jax.Array:
+        stats = compute_statistic(
+            kind, loss_components_fn, params, batch, residuals_fn=residuals_fn, axis_name=axis_name
+        )
+        return stats.astype(bstate.weights.dtype)
+
+    def skip(_: None) -> jax.Array:
+        return jnp.zeros(shape, bstate.weights.dtype)
+
+    return jax.lax.cond(bstate.recompute_next, compute, skip, None)
+
+
 def make_train_step(
-    loss_components_fn: LossComponentsFn, *, axis_name: str | None = None, has_aux: bool = False
+    loss_components_fn: LossComponentsFn,
+    *,
+    axis_name: str | None = None,
+    has_aux: bool = False,
+    residuals_fn: Callable[..., Any] | None = None,
 ) -> Callable[[BalancedTrainState, Any], tuple[BalancedTrainState, Metrics]]:
     """Builds ``step(state, batch) -> (state, metrics)`` with one backward pass.
 
@@ -91,6 +129,12 @@ def make_train_step(
       axis_name: the ``pmap`` axis to average losses and gradients over
         (``None`` on one device or under sharded ``jit``).
       has_aux: whether ``f`` returns auxiliary outputs (put in ``metrics["aux"]``).
+      residuals_fn: ``r(params, batch) -> K arrays`` of per-point residuals,
+        needed only by the NTK balancer.
+
+    Balancers that need a gradient statistic (learning-rate annealing,
+    gradient-norm, NTK weighting) get it computed under ``lax.cond`` on the
+    steps that recompute their weights; other steps keep one backward pass.
 
     Returns:
       A pure step function; ``metrics`` holds ``losses`` ``[K]``, ``weights``
@@ -109,7 +153,11 @@ def make_train_step(
         total, losses = values[0], values[1]
         if axis_name is not None:
             total, losses, grads = jax.lax.pmean((total, losses, grads), axis_name)
-        state = state.apply_gradients(grads=grads, losses=losses)
+        plain_fn = (lambda p, b: loss_components_fn(p, b)[0]) if has_aux else loss_components_fn
+        statistics = _statistics_if_due(
+            state.opt_state, plain_fn, state.params, batch, residuals_fn, axis_name
+        )
+        state = state.apply_gradients(grads=grads, losses=losses, statistics=statistics)
         metrics = {"losses": losses, "weights": weights, "total": total, "loss": jnp.sum(losses)}
         if has_aux:
             metrics["aux"] = values[2]

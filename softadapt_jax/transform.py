@@ -69,7 +69,9 @@ def balance(balancer: Balancer, *, per_component: bool = False) -> optax.Gradien
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
-      ``updates, state, params=None, *, losses`` (``losses``: ``[K]``).
+      ``updates, state, params=None, *, losses, statistics=None``
+      (``losses``: ``[K]``; ``statistics``: the gradient statistic of
+      balancers that declare one, needed when ``state.recompute_next``).
 
     Example:
       >>> import optax
@@ -85,7 +87,13 @@ def balance(balancer: Balancer, *, per_component: bool = False) -> optax.Gradien
         return balancer.init()
 
     def update_fn(
-        updates: Any, state: BalancerState, params: Any = None, *, losses: Any = None, **extra_args: Any
+        updates: Any,
+        state: BalancerState,
+        params: Any = None,
+        *,
+        losses: Any = None,
+        statistics: Any = None,
+        **extra_args: Any,
     ) -> tuple[Any, BalancerState]:
         del extra_args
         if losses is None:
@@ -96,7 +104,7 @@ def balance(balancer: Balancer, *, per_component: bool = False) -> optax.Gradien
         weights = state.weights
         if per_component:
             updates = _combine(weights, updates, params, k)
-        _, state = balancer.update(losses, state)
+        _, state = balancer.update(losses, state, statistics)
         return updates, state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -19,6 +19,14 @@ scheduling every method needs:
 * ``setpoint``: fixed prior coefficients that multiply the adaptive weights,
   so a user's intended ratio between losses is kept.
 
+Gradient-statistics methods (learning-rate annealing, gradient-norm and NTK
+weighting) also need a statistic of the per-component gradients, but only on
+the steps that recompute the weights. Their balancer declares the statistic
+(``statistic=...``), the state announces in ``recompute_next`` whether the
+coming step will recompute, and the caller computes the statistic only then
+(:func:`softadapt_jax.statistics.compute_statistic` under ``lax.cond``), so
+every other step keeps a single backward pass.
+
 Step semantics of ``update(losses, state)``, in order: reject non-finite
 losses; add the losses to the accumulator; every ``accumulate`` steps push the
 mean as one history entry; count the step; if the window is full, the step
@@ -55,6 +63,8 @@ class BalancerState(NamedTuple):
       accum_count: int32, number of steps in ``accum``.
       weights: ``[K]`` current weights (already multiplied by the set-point).
       method_state: method-specific pytree (PRNG key, moving averages, ...).
+      recompute_next: bool, whether the next accepted step will apply the rule
+        (so a caller computes gradient statistics only then).
     """
 
     history: jax.Array
@@ -66,6 +76,7 @@ class BalancerState(NamedTuple):
     accum_count: jax.Array
     weights: jax.Array
     method_state: PyTree
+    recompute_next: jax.Array
 
 
 class WeightRule(Protocol):
@@ -73,7 +84,8 @@ class WeightRule(Protocol):
 
     ``history`` is the full ``[window, K]`` window (the rule is only called once
     it is full), ``initial`` the ``[K]`` first entry. The rule must be pure and
-    jittable, and return finite weights for finite input.
+    jittable, and return finite weights for finite input. Rules of balancers
+    with a ``statistic`` take the statistic array as a fourth argument.
     """
 
     def __call__(
@@ -86,17 +98,20 @@ class Balancer(NamedTuple):
 
     Attributes:
       init: ``() -> BalancerState``.
-      update: ``(losses [K], state) -> (weights [K], state)``.
+      update: ``(losses [K], state, statistics=None) -> (weights [K], state)``.
       num_losses: K, the number of loss components.
       weights_sum: what the weights sum to before the set-point (1.0 or K).
       name: a short name for tables and logs.
+      statistic: ``None`` for loss-statistics methods, else the name of the
+        gradient statistic the rule needs (see :mod:`softadapt_jax.statistics`).
     """
 
     init: Callable[[], BalancerState]
-    update: Callable[[jax.Array, BalancerState], tuple[jax.Array, BalancerState]]
+    update: Callable[..., tuple[jax.Array, BalancerState]]
     num_losses: int
     weights_sum: float
     name: str
+    statistic: str | None = None
 
 
 def check_losses(losses: Any, num_losses: int, name: str = "losses") -> jax.Array:
@@ -134,6 +149,7 @@ def make_balancer(
     setpoint: Any = None,
     dtype: Any = None,
     name: str = "balancer",
+    statistic: str | None = None,
 ) -> Balancer:
     """Wraps a weight rule with the shared history, scheduling and robustness.
 
@@ -151,6 +167,8 @@ def make_balancer(
       dtype: history dtype; default float32 (float64 when x64 is enabled).
         Half-precision losses are stored in this dtype, never in half.
       name: label for logs and tables.
+      statistic: the gradient statistic the rule needs as its fourth argument
+        (``None``: a pure loss-statistics rule).
 
     Returns:
       A :class:`Balancer`.
@@ -185,9 +203,14 @@ def make_balancer(
             accum_count=i32(),
             weights=apply_setpoint(jnp.full((k,), weights_sum / k, hist_dtype)),
             method_state=init_method_state,
+            recompute_next=will_recompute(jnp.int32(0), jnp.int32(0), jnp.int32(0)),
         )
 
-    def accepted_update(losses: jax.Array, state: BalancerState) -> BalancerState:
+    def will_recompute(count: jax.Array, filled: jax.Array, accum_count: jax.Array) -> jax.Array:
+        push = accum_count + 1 >= accumulate
+        return push & (jnp.minimum(filled + 1, window) >= window) & ((count + 1) % update_every == 0)
+
+    def accepted_update(losses: jax.Array, state: BalancerState, statistics: Any) -> BalancerState:
         accum = state.accum + losses
         accum_count = state.accum_count + 1
         push = accum_count >= accumulate
@@ -199,13 +222,17 @@ def make_balancer(
         recompute = push & (filled >= window) & (count % update_every == 0)
 
         def run_rule(_: None) -> tuple[jax.Array, PyTree]:
-            w, ms = rule(history, initial, state.method_state)
+            if statistic is None:
+                w, ms = rule(history, initial, state.method_state)
+            else:
+                w, ms = rule(history, initial, state.method_state, statistics)
             return apply_setpoint(w.astype(hist_dtype)), ms
 
         def hold(_: None) -> tuple[jax.Array, PyTree]:
             return state.weights, state.method_state
 
         weights, method_state = jax.lax.cond(recompute, run_rule, hold, None)
+        accum_count = jnp.where(push, 0, accum_count)
         return BalancerState(
             history=history,
             initial=initial,
@@ -213,13 +240,21 @@ def make_balancer(
             count=count,
             rejected=state.rejected,
             accum=jnp.where(push, jnp.zeros_like(accum), accum),
-            accum_count=jnp.where(push, 0, accum_count),
+            accum_count=accum_count,
             weights=weights,
             method_state=method_state,
+            recompute_next=will_recompute(count, filled, accum_count),
         )
 
-    def update(losses: Any, state: BalancerState) -> tuple[jax.Array, BalancerState]:
+    def update(losses: Any, state: BalancerState, statistics: Any = None) -> tuple[jax.Array, BalancerState]:
         losses = jax.lax.stop_gradient(check_losses(losses, k)).astype(hist_dtype)
+        if statistic is not None and statistics is None:
+            raise ValueError(
+                f"The {name} balancer needs the gradient statistic {statistic!r} on the steps that "
+                "recompute its weights: pass `statistics=` (see softadapt_jax.statistics)."
+            )
+        if statistics is not None:
+            statistics = jax.lax.stop_gradient(jnp.asarray(statistics))
         if state.history.shape != (window, k):
             raise ValueError(
                 f"`state.history` has shape {tuple(state.history.shape)}, but this balancer "
@@ -228,10 +263,17 @@ def make_balancer(
         finite = jnp.all(jnp.isfinite(losses))
         state = jax.lax.cond(
             finite,
-            lambda s: accepted_update(losses, s),
+            lambda s: accepted_update(losses, s, statistics),
             lambda s: s._replace(rejected=s.rejected + 1),
             state,
         )
         return state.weights, state
 
-    return Balancer(init=init, update=update, num_losses=k, weights_sum=float(weights_sum), name=name)
+    return Balancer(
+        init=init,
+        update=update,
+        num_losses=k,
+        weights_sum=float(weights_sum),
+        name=name,
+        statistic=statistic,
+    )

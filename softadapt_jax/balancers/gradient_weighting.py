@@ -1,0 +1,196 @@
+"""Gradient-statistics weightings PINN codes ship: learning-rate annealing, gradient norm, NTK.
+
+All three recompute their weights every ``update_every`` steps from a
+statistic of the per-component gradients (:mod:`softadapt_jax.statistics`)
+and smooth them with a moving average. The statistic is needed only on the
+recompute steps; the state's ``recompute_next`` says when, and
+:func:`softadapt_jax.training.make_train_step` computes it under ``lax.cond``,
+so all other steps cost one backward pass.
+
+Weights start at 1 each (plain summation) and do not sum to a constant.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from softadapt_jax import _checks
+from softadapt_jax.balancers.base import Balancer, make_balancer
+
+LR_ANNEALING_MODES: tuple[str, ...] = ("max", "mean")
+
+
+@flax.struct.dataclass
+class GradientWeightingState:
+    """Method state of the gradient-statistics balancers.
+
+    Attributes:
+      statistic: static name of the gradient statistic the method needs.
+      ema: ``[K]`` moving average of the weights (before any set-point).
+    """
+
+    ema: jax.Array
+    statistic: str = flax.struct.field(pytree_node=False, default="grad_norm")
+
+
+def _check_rate(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"`{name}` must be a float in [0, 1], got {value!r}.")
+    return float(value)
+
+
+def _ema_rule(estimate_fn: Any, keep: float) -> Any:
+    """A weight rule: ``ema = keep * ema + (1 - keep) * estimate(statistic)``.
+
+    Where the estimate is not finite (a zero gradient in a denominator), the
+    previous average is kept for that component.
+    """
+
+    def rule(history: jax.Array, initial: jax.Array, ms: GradientWeightingState, stats: jax.Array):
+        del history, initial
+        est = estimate_fn(stats.astype(ms.ema.dtype))
+        est = jnp.where(jnp.isfinite(est), est, ms.ema)
+        ema = keep * ms.ema + (1.0 - keep) * est
+        return ema, ms.replace(ema=ema)
+
+    return rule
+
+
+def _make(
+    name: str,
+    statistic: str,
+    estimate_fn: Any,
+    keep: float,
+    num_losses: int,
+    update_every: int,
+    setpoint: Any,
+    dtype: Any,
+) -> Balancer:
+    k = _checks.check_positive_int(num_losses, "num_losses")
+    hist_dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
+    return make_balancer(
+        _ema_rule(estimate_fn, keep),
+        num_losses=k,
+        window=1,
+        weights_sum=float(k),
+        init_method_state=GradientWeightingState(ema=jnp.ones((k,), hist_dtype), statistic=statistic),
+        update_every=update_every,
+        setpoint=setpoint,
+        dtype=dtype,
+        name=name,
+        statistic=statistic,
+    )
+
+
+def lr_annealing_balancer(
+    *,
+    num_losses: int,
+    alpha: float = 0.9,
+    mode: str = "max",
+    reference: int = 0,
+    update_every: int = 10,
+    setpoint: Any = None,
+    dtype: Any = None,
+) -> Balancer:
+    """Learning-rate annealing (Wang, Teng & Perdikaris 2021, arXiv:2001.04536).
+
+    ``λ̂_k = max|∇θ L_ref| / mean|∇θ L_k|`` (``mode="max"``, the paper's
+    Algorithm 1 and the authors' code) or ``mean|∇θ L_ref| / mean|∇θ L_k|``
+    (``mode="mean"``, as NVIDIA Modulus offers), then
+    ``λ_k ← (1 - α) λ_k + α λ̂_k``; the reference loss (the PDE residual,
+    component ``reference``) keeps weight 1. The gradients in the denominator
+    are those of the *unweighted* losses, as in the authors' code (with
+    ``λ_k`` inside, the fixed point would be the square root of the ratio).
+
+    Args:
+      num_losses: K.
+      alpha: the weight of the new estimate, 0.9 as in the paper.
+      mode: ``"max"`` or ``"mean"``.
+      reference: index of the reference loss.
+      update_every: recompute every n steps (the paper: 10).
+      setpoint: optional ``[K]`` prior coefficients.
+      dtype: state dtype.
+
+    Returns:
+      A :class:`Balancer` needing the ``"grad_abs"`` statistic.
+    """
+    _checks.check_choice(mode, "mode", LR_ANNEALING_MODES)
+    k = _checks.check_positive_int(num_losses, "num_losses")
+    if isinstance(reference, bool) or not isinstance(reference, int) or not 0 <= reference < k:
+        raise ValueError(f"`reference` must be an index in [0, {k}), got {reference!r}.")
+    alpha = _check_rate(alpha, "alpha")
+
+    def estimate(stats: jax.Array) -> jax.Array:
+        numerator = stats[reference, 0] if mode == "max" else stats[reference, 1]
+        lam = numerator / stats[:, 1]
+        return lam.at[reference].set(1.0)
+
+    return _make("lr_annealing", "grad_abs", estimate, 1.0 - alpha, k, update_every, setpoint, dtype)
+
+
+def grad_norm_balancer(
+    *,
+    num_losses: int,
+    momentum: float = 0.9,
+    update_every: int = 100,
+    setpoint: Any = None,
+    dtype: Any = None,
+) -> Balancer:
+    """Gradient-norm weighting as in jaxpi (Wang et al. 2023, arXiv:2308.08468).
+
+    ``ŵ_k = (Σ_j ||∇θ L_j||) / ||∇θ L_k||``, ``w ← m w + (1 - m) ŵ``, so that
+    every weighted loss contributes a gradient of the same norm.
+
+    Args:
+      num_losses: K.
+      momentum: ``m``, 0.9 as jaxpi.
+      update_every: recompute every n steps (jaxpi's default is 1000; 100
+        here suits runs of a few thousand steps).
+      setpoint: optional ``[K]`` prior coefficients.
+      dtype: state dtype.
+
+    Returns:
+      A :class:`Balancer` needing the ``"grad_norm"`` statistic.
+    """
+    momentum = _check_rate(momentum, "momentum")
+
+    def estimate(norms: jax.Array) -> jax.Array:
+        return jnp.sum(norms) / norms
+
+    return _make("grad_norm", "grad_norm", estimate, momentum, num_losses, update_every, setpoint, dtype)
+
+
+def ntk_balancer(
+    *,
+    num_losses: int,
+    momentum: float = 0.9,
+    update_every: int = 100,
+    setpoint: Any = None,
+    dtype: Any = None,
+) -> Balancer:
+    """NTK weighting (Wang, Yu & Perdikaris 2022, arXiv:2007.14527), as in jaxpi.
+
+    ``ŵ_k = (Σ_j tr K_j) / tr K_k`` with ``tr K_k`` the mean over loss k's
+    points of the squared per-point gradient norm, ``w ← m w + (1 - m) ŵ``.
+    Needs ``residuals_fn`` in the train step.
+
+    Args:
+      num_losses: K.
+      momentum: ``m``, 0.9 as jaxpi.
+      update_every: recompute every n steps.
+      setpoint: optional ``[K]`` prior coefficients.
+      dtype: state dtype.
+
+    Returns:
+      A :class:`Balancer` needing the ``"ntk_trace"`` statistic.
+    """
+    momentum = _check_rate(momentum, "momentum")
+
+    def estimate(traces: jax.Array) -> jax.Array:
+        return jnp.sum(traces) / traces
+
+    return _make("ntk", "ntk_trace", estimate, momentum, num_losses, update_every, setpoint, dtype)

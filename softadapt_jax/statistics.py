@@ -1,0 +1,112 @@
+"""Gradient statistics that gradient-based weightings need, computed only when asked.
+
+Learning-rate annealing, gradient-norm and NTK weighting look at the
+per-component gradients, which cost K backward passes (one vmapped VJP). The
+balancers that use them set ``recompute_next`` in their state; the train step
+evaluates :func:`compute_statistic` under ``lax.cond`` on that flag, so the
+other steps pay one backward pass only.
+
+Statistics (``kind``):
+
+* ``"grad_abs"``: ``[K, 2]``, the max and the mean of ``|dL_k/dθ|`` over all
+  parameters (learning-rate annealing).
+* ``"grad_norm"``: ``[K]``, ``||dL_k/dθ||_2`` (gradient-norm weighting).
+* ``"ntk_trace"``: ``[K]``, the mean over the points of loss k of
+  ``||dr_{k,i}/dθ||²``, i.e. the trace of its neural tangent kernel divided by
+  the number of points (NTK weighting); needs ``residuals_fn``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from softadapt_jax import _checks
+
+STATISTICS: tuple[str, ...] = ("grad_abs", "grad_norm", "ntk_trace")
+
+
+def stacked_grads(
+    loss_components_fn: Callable[..., jax.Array], params: Any, *args: Any
+) -> tuple[jax.Array, Any]:
+    """Losses ``[K]`` and their K gradients stacked on a leading axis (one vmapped VJP)."""
+    losses, vjp_fn = jax.vjp(lambda p: loss_components_fn(p, *args), params)
+    if losses.ndim != 1:
+        raise ValueError(f"loss_components_fn must return a vector [K], got shape {tuple(losses.shape)}.")
+    (grads,) = jax.vmap(vjp_fn)(jnp.eye(losses.shape[0], dtype=losses.dtype))
+    return losses, grads
+
+
+def _per_component_leaves(grads: Any) -> list[jax.Array]:
+    return [g.reshape(g.shape[0], -1) for g in jax.tree.leaves(grads)]
+
+
+def compute_statistic(
+    kind: str,
+    loss_components_fn: Callable[..., jax.Array],
+    params: Any,
+    batch: Any,
+    *,
+    residuals_fn: Callable[..., Any] | None = None,
+    axis_name: str | None = None,
+) -> jax.Array:
+    """The gradient statistic ``kind`` of the K loss components at ``params``.
+
+    Args:
+      kind: ``"grad_abs"``, ``"grad_norm"`` or ``"ntk_trace"`` (module docstring).
+      loss_components_fn: ``f(params, batch) -> losses [K]``.
+      params: parameters pytree.
+      batch: the step's batch.
+      residuals_fn: for ``"ntk_trace"``: ``r(params, batch) -> sequence of K
+        arrays`` of per-point residuals (the terms whose mean square is loss k).
+      axis_name: a ``pmap`` axis: the per-component gradients (or NTK traces)
+        are averaged across it first, so every device gets the global statistic.
+
+    Returns:
+      ``[K, 2]`` for ``"grad_abs"``, else ``[K]``.
+
+    Raises:
+      ValueError: unknown ``kind``, or ``"ntk_trace"`` without ``residuals_fn``.
+    """
+    _checks.check_choice(kind, "kind", STATISTICS)
+    if kind == "ntk_trace":
+        if residuals_fn is None:
+            raise ValueError(
+                "The 'ntk_trace' statistic needs `residuals_fn(params, batch) -> K arrays` of "
+                "per-point residuals."
+            )
+        traces = jnp.stack(
+            [_ntk_trace(residuals_fn, params, batch, k) for k in range(_count(residuals_fn, params, batch))]
+        )
+        return traces if axis_name is None else jax.lax.pmean(traces, axis_name)
+    _, grads = stacked_grads(loss_components_fn, params, batch)
+    if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)
+    flat = _per_component_leaves(grads)
+    if kind == "grad_norm":
+        return jnp.sqrt(sum(jnp.sum(g * g, axis=1) for g in flat))
+    size = sum(g.shape[1] for g in flat)
+    abs_max = jnp.max(jnp.stack([jnp.max(jnp.abs(g), axis=1) for g in flat]), axis=0)
+    abs_mean = sum(jnp.sum(jnp.abs(g), axis=1) for g in flat) / size
+    return jnp.stack([abs_max, abs_mean], axis=1)
+
+
+def _count(residuals_fn: Callable[..., Any], params: Any, batch: Any) -> int:
+    return len(jax.eval_shape(residuals_fn, params, batch))
+
+
+def _ntk_trace(residuals_fn: Callable[..., Any], params: Any, batch: Any, k: int) -> jax.Array:
+    # Rows of the Jacobian are the per-point gradients; the NTK diagonal is their
+    # squared norms. jacrev costs one VJP per point of this component.
+    jac = jax.jacrev(lambda p: jnp.ravel(residuals_fn(p, batch)[k]))(params)
+    sq = sum(jnp.sum(j.reshape(j.shape[0], -1) ** 2, axis=1) for j in jax.tree.leaves(jac))
+    return jnp.mean(sq)
+
+
+def statistic_shape(kind: str, num_losses: int) -> tuple[int, ...]:
+    """The shape of statistic ``kind`` for K losses."""
+    _checks.check_choice(kind, "kind", STATISTICS)
+    return (num_losses, 2) if kind == "grad_abs" else (num_losses,)
