@@ -167,7 +167,11 @@ def make_train_step(
 
 
 def make_pmap_train_step(
-    loss_components_fn: LossComponentsFn, *, axis_name: str = "devices", has_aux: bool = False
+    loss_components_fn: LossComponentsFn,
+    *,
+    axis_name: str = "devices",
+    has_aux: bool = False,
+    residuals_fn: Callable[..., Any] | None = None,
 ) -> Callable[[BalancedTrainState, Any], tuple[BalancedTrainState, Metrics]]:
     """The train step under ``jax.pmap``: replicated state, batch sharded on axis 0.
 
@@ -178,14 +182,16 @@ def make_pmap_train_step(
     Args:
       loss_components_fn: as in :func:`make_train_step`.
       axis_name: name of the mapped axis.
-      has_aux: as in :func:`make_train_step`.
+      has_aux, residuals_fn: as in :func:`make_train_step`.
 
     Returns:
       ``pstep(replicated_state, sharded_batch) -> (replicated_state, metrics)``
       where every leaf of the batch has shape ``[local_devices, per_device, ...]``
       (see :func:`shard_batch`).
     """
-    step = make_train_step(loss_components_fn, axis_name=axis_name, has_aux=has_aux)
+    step = make_train_step(
+        loss_components_fn, axis_name=axis_name, has_aux=has_aux, residuals_fn=residuals_fn
+    )
     return jax.pmap(step, axis_name=axis_name)
 
 
@@ -239,6 +245,7 @@ def make_sharded_train_step(
     *,
     axis_name: str | None = None,
     has_aux: bool = False,
+    residuals_fn: Callable[..., Any] | None = None,
 ) -> tuple[Callable[[BalancedTrainState, Any], tuple[BalancedTrainState, Metrics]], Callable[..., Any]]:
     """The train step under ``jax.jit`` with ``NamedSharding``: data-parallel over ``mesh``.
 
@@ -251,7 +258,7 @@ def make_sharded_train_step(
       mesh: a 1-D mesh (see :func:`data_mesh`).
       axis_name: the mesh axis the batch is split over (default: the mesh's
         only axis).
-      has_aux: as in :func:`make_train_step`.
+      has_aux, residuals_fn: as in :func:`make_train_step`.
 
     Returns:
       ``(step, place)``: the jitted step, and ``place(state, batch)`` which
@@ -268,7 +275,7 @@ def make_sharded_train_step(
         return jax.device_put(state, replicated), jax.device_put(batch, split)
 
     step = jax.jit(
-        make_train_step(loss_components_fn, has_aux=has_aux),
+        make_train_step(loss_components_fn, has_aux=has_aux, residuals_fn=residuals_fn),
         in_shardings=(replicated, split),
         out_shardings=(replicated, replicated),
     )
