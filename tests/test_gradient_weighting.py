@@ -114,7 +114,7 @@ def test_norm_and_ntk_weighting_hand_computation(factory) -> None:
 
 def test_zero_statistic_keeps_previous_average() -> None:
     bal = grad_norm_balancer(num_losses=2, update_every=1)
-    w, state = bal.update(jnp.ones(2), bal.init(), jnp.array([0.0, 1.0]))
+    w, _ = bal.update(jnp.ones(2), bal.init(), jnp.array([0.0, 1.0]))
     assert np.all(np.isfinite(w))
     np.testing.assert_allclose(w, [1.0, 0.9 + 0.1 * 1.0])
 
