@@ -32,12 +32,18 @@ STATISTICS: tuple[str, ...] = ("grad_abs", "grad_norm", "ntk_trace")
 def stacked_grads(
     loss_components_fn: Callable[..., jax.Array], params: Any, *args: Any
 ) -> tuple[jax.Array, Any]:
-    """Losses ``[K]`` and their K gradients stacked on a leading axis (one vmapped VJP)."""
+    """Losses ``[K]`` and their K gradients stacked on a leading axis.
+
+    One forward pass, then K VJPs with one-hot cotangents. A Python loop over
+    the static K, not ``vmap``: batching the VJP of forward-mode derivative
+    chains (PINN residuals) measured 4-7x slower than K plain VJPs.
+    """
     losses, vjp_fn = jax.vjp(lambda p: loss_components_fn(p, *args), params)
     if losses.ndim != 1:
         raise ValueError(f"loss_components_fn must return a vector [K], got shape {tuple(losses.shape)}.")
-    (grads,) = jax.vmap(vjp_fn)(jnp.eye(losses.shape[0], dtype=losses.dtype))
-    return losses, grads
+    eye = jnp.eye(losses.shape[0], dtype=losses.dtype)
+    grads = [vjp_fn(eye[k])[0] for k in range(losses.shape[0])]
+    return losses, jax.tree.map(lambda *g: jnp.stack(g), *grads)
 
 
 def _per_component_leaves(grads: Any) -> list[jax.Array]:

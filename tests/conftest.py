@@ -1,0 +1,39 @@
+"""Shared pytest configuration: 4 simulated CPU devices, a headless matplotlib, float64 on demand.
+
+The environment variables are set before anything imports JAX or matplotlib, so that every test
+module (some use ``jax.pmap`` over 4 CPU devices) sees the same configuration.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import functools
+import json
+import pathlib
+from typing import Any
+
+import jax
+import pytest
+
+REFERENCE_PATH = pathlib.Path(__file__).parent / "data" / "softadapt_reference_public.json"
+
+
+@functools.lru_cache(maxsize=1)
+def load_reference() -> dict[str, Any]:
+    """The reference cases computed with the original PyTorch SoftAdapt (parsed once)."""
+    return json.loads(REFERENCE_PATH.read_text())
+
+
+@pytest.fixture(scope="session")
+def reference_data() -> dict[str, Any]:
+    """The parsed ``tests/data/softadapt_reference_public.json``."""
+    return load_reference()
+
+
+@pytest.fixture
+def x64():
+    """Enables 64-bit floats for one test and restores the previous setting afterwards."""
+    with jax.enable_x64(True):
+        yield
