@@ -58,6 +58,7 @@ def compute_statistic(
     *,
     residuals_fn: Callable[..., Any] | None = None,
     axis_name: str | None = None,
+    max_points: int | None = None,
 ) -> jax.Array:
     """The gradient statistic ``kind`` of the K loss components at ``params``.
 
@@ -70,6 +71,10 @@ def compute_statistic(
         arrays`` of per-point residuals (the terms whose mean square is loss k).
       axis_name: a ``pmap`` axis: the per-component gradients (or NTK traces)
         are averaged across it first, so every device gets the global statistic.
+      max_points: for ``"ntk_trace"``: estimate each trace from at most this many
+        points of each component (the first ones; collocation points are
+        random, so this is an unbiased subsample). The Jacobian costs one VJP
+        and P floats per point.
 
     Returns:
       ``[K, 2]`` for ``"grad_abs"``, else ``[K]``.
@@ -84,9 +89,10 @@ def compute_statistic(
                 "The 'ntk_trace' statistic needs `residuals_fn(params, batch) -> K arrays` of "
                 "per-point residuals."
             )
-        traces = jnp.stack(
-            [_ntk_trace(residuals_fn, params, batch, k) for k in range(_count(residuals_fn, params, batch))]
-        )
+        if max_points is not None:
+            _checks.check_positive_int(max_points, "max_points")
+        num = _count(residuals_fn, params, batch)
+        traces = jnp.stack([_ntk_trace(residuals_fn, params, batch, k, max_points) for k in range(num)])
         return traces if axis_name is None else jax.lax.pmean(traces, axis_name)
     _, grads = stacked_grads(loss_components_fn, params, batch)
     if axis_name is not None:
@@ -104,10 +110,12 @@ def _count(residuals_fn: Callable[..., Any], params: Any, batch: Any) -> int:
     return len(jax.eval_shape(residuals_fn, params, batch))
 
 
-def _ntk_trace(residuals_fn: Callable[..., Any], params: Any, batch: Any, k: int) -> jax.Array:
+def _ntk_trace(
+    residuals_fn: Callable[..., Any], params: Any, batch: Any, k: int, max_points: int | None
+) -> jax.Array:
     # Rows of the Jacobian are the per-point gradients; the NTK diagonal is their
     # squared norms. jacrev costs one VJP per point of this component.
-    jac = jax.jacrev(lambda p: jnp.ravel(residuals_fn(p, batch)[k]))(params)
+    jac = jax.jacrev(lambda p: jnp.ravel(residuals_fn(p, batch)[k])[:max_points])(params)
     sq = sum(jnp.sum(j.reshape(j.shape[0], -1) ** 2, axis=1) for j in jax.tree.leaves(jac))
     return jnp.mean(sq)
 

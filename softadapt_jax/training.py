@@ -101,9 +101,17 @@ def _statistics_if_due(
     bstate = states[0]
     shape = statistic_shape(kind, bstate.weights.shape[0])
 
+    options = dict(getattr(bstate.method_state, "statistic_options", ()))
+
     def compute(_: None) -> jax.Array:
         stats = compute_statistic(
-            kind, loss_components_fn, params, batch, residuals_fn=residuals_fn, axis_name=axis_name
+            kind,
+            loss_components_fn,
+            params,
+            batch,
+            residuals_fn=residuals_fn,
+            axis_name=axis_name,
+            **options,
         )
         return stats.astype(bstate.weights.dtype)
 
