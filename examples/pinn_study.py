@@ -174,7 +174,8 @@ def format_table(problem: Problem, results: list[MethodResult]) -> str:
     for r in sorted(results, key=lambda r: float(np.mean(r.errors))):
         ratio = f"{np.mean(r.errors) / np.mean(fixed.errors):.2f}×" if fixed else "n/a"
         lines.append(
-            f"| {r.name} | {np.mean(r.errors):.3e} ± {np.std(r.errors):.1e} | {ratio} | {1e3 * r.step_time:.2f} |"
+            f"| {r.name} | {np.mean(r.errors):.3e} ± {np.std(r.errors):.1e} | {ratio} "
+            f"| {1e3 * r.step_time:.2f} |"
         )
     return "\n".join(lines)
 
@@ -290,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[MethodResult]]:
                 results.append(train_method(problem, name, registry[name], args, bar))
         table = format_table(problem, results)
         header = (
-            f"### {pname} (K={problem.num_losses}): {args.steps} steps, {args.seeds} seeds, Adam lr {args.lr}\n\n"
+            f"### {pname} (K={problem.num_losses}): {args.steps} steps, {args.seeds} seeds, "
+            f"Adam lr {args.lr}\n\n"
             f"Command: `{command.strip()}`  \n"
             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
             f"jax {jax.__version__}, {datetime.date.today().isoformat()}\n"
