@@ -45,6 +45,12 @@ def as_float_array(x: Any, name: str) -> jax.Array:
 
 def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
     """Returns ``value`` as an int, or raises if it is not an integer >= minimum."""
+    if isinstance(value, jax.Array):
+        raise TypeError(
+            f"`{name}` is static configuration and must be a Python int, got an array {value!r}. "
+            "Under optax.inject_hyperparams, list it in static_args (e.g. "
+            "softadapt_jax.SOFTADAPT_STATIC_ARGS)."
+        )
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(
             f"`{name}` must be an integer >= {minimum}, got {value!r} of type {type(value).__name__}."

@@ -35,7 +35,6 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from softadapt_jax import _checks
 
@@ -177,6 +176,17 @@ def rates_of_change(history: Any, accuracy_order: int | None = None, **options: 
     hist = check_history(history)
     order = resolve_accuracy_order(accuracy_order, hist.shape[0])
     hist = _scaled(hist, scale, options.get("reference"))
-    coeffs = np.array([float(c) for c in finite_difference_coefficients(order, stencil)])
-    window = hist[hist.shape[0] - (order + 1) :]
-    return jnp.tensordot(jnp.asarray(coeffs, hist.dtype), window, axes=1)
+    coeffs = finite_difference_coefficients(order, stencil)
+    start = hist.shape[0] - (order + 1)
+    return weighted_row_sum(hist[start:], [float(c) for c in coeffs])
+
+
+def weighted_row_sum(rows: jax.Array, coefficients: list[float]) -> jax.Array:
+    """``sum_j coefficients[j] * rows[j]`` over the leading (time) axis, unrolled.
+
+    The number of rows is static and small; an unrolled sum fuses into one
+    elementwise kernel, whereas a reduction over the time axis of a vmapped
+    ``[B, T, K]`` batch is a slow strided reduce on CPU.
+    """
+    terms = [c * rows[j] for j, c in enumerate(coefficients) if c != 0]
+    return functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(rows[0])

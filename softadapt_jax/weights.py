@@ -39,6 +39,7 @@ reproduces the original):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Literal
 
 import jax
@@ -51,6 +52,7 @@ from softadapt_jax.slopes import (
     check_history,
     rates_of_change,
     resolve_accuracy_order,
+    weighted_row_sum,
 )
 
 Variant = Literal["original", "normalized", "loss_weighted"]
@@ -85,6 +87,11 @@ class SoftAdaptOptions:
         _checks.check_choice(self.normalization, "normalization", NORMALIZATIONS)
         if not isinstance(self.sum_to_k, bool):
             raise TypeError(f"`sum_to_k` must be a bool, got {self.sum_to_k!r}.")
+        if isinstance(self.eps, jax.Array):
+            raise TypeError(
+                f"`eps` is static configuration and must be a Python float, got an array {self.eps!r}. "
+                "Under optax.inject_hyperparams, pass static_args=softadapt_jax.SOFTADAPT_STATIC_ARGS."
+            )
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps >= 0:
             raise ValueError(f"`eps` must be a float >= 0, got {self.eps!r}.")
 
@@ -120,16 +127,27 @@ def stable_softmax(
     """
     big = jnp.finfo(x.dtype).max
     z = jnp.clip(jnp.nan_to_num(beta * x, nan=0.0), -big, big)
-    z_max = jax.lax.stop_gradient(jnp.max(z))
+    z_max = jax.lax.stop_gradient(_reduce(jnp.maximum, z))
     e = jnp.exp(z - z_max)
     if prior is not None:
         e = prior * e
     # exp(<= 0): underflows to 0 exactly where the original overflows.
-    ref_shift = jnp.clip(jnp.nan_to_num(beta * jnp.max(x), nan=0.0), -big, big)
-    denom = jnp.sum(e) + eps * jnp.exp(jnp.minimum(ref_shift - z_max, 0.0))
+    ref_shift = jnp.clip(jnp.nan_to_num(beta * _reduce(jnp.maximum, x), nan=0.0), -big, big)
+    denom = _reduce(jnp.add, e) + eps * jnp.exp(jnp.minimum(ref_shift - z_max, 0.0))
     ok = denom > 0
     uniform = jnp.full_like(e, 1.0 / e.shape[0])
     return jnp.where(ok, e / jnp.where(ok, denom, 1.0), uniform)
+
+
+def _reduce(op: Any, x: jax.Array) -> jax.Array:
+    """``op``-reduction of a ``[K]`` vector, unrolled over the static K.
+
+    Under ``vmap`` a reduction over a short minor axis is a slow strided reduce
+    on CPU; K pairwise elementwise ops fuse with their neighbours instead.
+    """
+    if x.shape[0] > 32:
+        return jnp.max(x) if op is jnp.maximum else jnp.sum(x)
+    return functools.reduce(op, [x[k] for k in range(x.shape[0])])
 
 
 def _safe_divide(x: jax.Array, d: jax.Array) -> jax.Array:
@@ -203,11 +221,12 @@ def _weights(
     )
     prior = None
     if variant == "normalized":
-        denom = jnp.sum(jnp.abs(slopes)) if opts.normalization == "l1" else jnp.sum(slopes)
+        denom = _reduce(jnp.add, jnp.abs(slopes) if opts.normalization == "l1" else slopes)
         slopes = _safe_divide(slopes, denom)
     elif variant == "loss_weighted":
         # Negative means would give negative weights; losses are >= 0 anyway.
-        prior = jnp.maximum(jnp.mean(hist, axis=0), 0)
+        t = hist.shape[0]
+        prior = jnp.maximum(weighted_row_sum(hist, [1.0 / t] * t), 0)
     w = stable_softmax(slopes, beta, prior, opts.eps)
     finite = jnp.all(jnp.isfinite(hist))
     w = jnp.where(finite, w, jnp.full_like(w, 1.0 / num_components))

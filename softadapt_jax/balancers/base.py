@@ -246,6 +246,16 @@ def make_balancer(
             recompute_next=will_recompute(count, filled, accum_count),
         )
 
+    # Branches defined once, not per call: lax.cond caches its compilation on
+    # the branch functions, so eager updates do not recompile every step.
+    def accept(operand: tuple[jax.Array, BalancerState, Any]) -> BalancerState:
+        losses, state, statistics = operand
+        return accepted_update(losses, state, statistics)
+
+    def reject(operand: tuple[jax.Array, BalancerState, Any]) -> BalancerState:
+        state = operand[1]
+        return state._replace(rejected=state.rejected + 1)
+
     def update(losses: Any, state: BalancerState, statistics: Any = None) -> tuple[jax.Array, BalancerState]:
         losses = jax.lax.stop_gradient(check_losses(losses, k)).astype(hist_dtype)
         if statistic is not None and statistics is None:
@@ -261,12 +271,7 @@ def make_balancer(
                 f"expects [window, K]=({window}, {k}); was the state made by another balancer?"
             )
         finite = jnp.all(jnp.isfinite(losses))
-        state = jax.lax.cond(
-            finite,
-            lambda s: accepted_update(losses, s, statistics),
-            lambda s: s._replace(rejected=s.rejected + 1),
-            state,
-        )
+        state = jax.lax.cond(finite, accept, reject, (losses, state, statistics))
         return state.weights, state
 
     return Balancer(

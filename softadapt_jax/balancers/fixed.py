@@ -1,0 +1,85 @@
+"""Fixed weights: the non-adaptive baseline (plain summation by default)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from softadapt_jax import _checks
+from softadapt_jax.balancers.base import Balancer, check_setpoint, make_balancer
+
+
+def fixed_balancer(
+    weights: Any = None,
+    *,
+    num_losses: int,
+    update_every: int = 1,
+    accumulate: int = 1,
+    setpoint: Any = None,
+    dtype: Any = None,
+) -> Balancer:
+    """Constant weights ``w_k`` (default all ones: the plain sum ``sum_k L_k``).
+
+    The baseline every adaptive method is compared against: the total loss is
+    ``sum_k w_k * setpoint_k * L_k`` at every step, from the first one on (the
+    weights are the given ones already in ``init()``; there is no warm-up).
+    The state still records the losses (history window 1), so it can be
+    inspected and serialized like any other balancer's.
+
+    Args:
+      weights: optional ``[K]`` finite, non-negative, concrete weights
+        (default ``ones(K)``).
+      num_losses: K, the number of loss components.
+      update_every, accumulate: accepted for a uniform interface; they only
+        change how the losses are recorded, never the weights.
+      setpoint: optional ``[K]`` non-negative coefficients multiplying the weights.
+      dtype: history dtype (float32 by default; float64 under x64).
+
+    Returns:
+      A :class:`~softadapt_jax.balancers.base.Balancer` with
+      ``weights_sum = sum(weights)`` (K by default); its weights are
+      ``weights * setpoint``.
+
+    Raises:
+      ValueError: ``weights`` not of shape ``(K,)``, not finite or negative;
+        invalid ``num_losses``, ``update_every``, ``accumulate``, ``setpoint``
+        or ``dtype``.
+      TypeError: ``weights`` traced (they must be known when the balancer is
+        built, since ``weights_sum`` is a Python float).
+    """
+    k = _checks.check_positive_int(num_losses, "num_losses")
+    if weights is None:
+        w = np.ones((k,))
+    else:
+        arr = _checks.as_float_array(weights, "weights")
+        if isinstance(arr, jax.core.Tracer):
+            raise TypeError("`weights` of fixed_balancer must be concrete (not traced).")
+        w = np.asarray(arr, dtype=np.float64)
+        if w.shape != (k,):
+            raise ValueError(f"`weights` must have shape ({k},) to match num_losses={k}, got {w.shape}.")
+        if not np.all(np.isfinite(w) & (w >= 0)):
+            raise ValueError(f"`weights` must be finite and >= 0, got {w}.")
+    prior = check_setpoint(setpoint, k)
+    # The fixed weights act as a set-point on a rule that always returns ones:
+    # the shared machinery then gives exactly ``weights * setpoint`` from init on.
+    combined = jnp.asarray(w) if prior is None else jnp.asarray(w, prior.dtype) * prior
+
+    def rule(history: jax.Array, initial: jax.Array, method_state: Any) -> tuple[jax.Array, Any]:
+        del initial
+        return jnp.ones(history.shape[1:], history.dtype), method_state
+
+    balancer = make_balancer(
+        rule,
+        num_losses=k,
+        window=1,
+        weights_sum=float(k),
+        update_every=update_every,
+        accumulate=accumulate,
+        setpoint=combined,
+        dtype=dtype,
+        name="fixed",
+    )
+    return balancer._replace(weights_sum=float(np.sum(w)))
