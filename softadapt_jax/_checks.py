@@ -26,7 +26,7 @@ def as_float_array(x: Any, name: str) -> jax.Array:
     """
     try:
         arr = jnp.asarray(x)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise TypeError(f"`{name}` must be a numeric array, got {type(x).__name__}: {err}") from None
     dtype = arr.dtype
     if dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.complexfloating) or not (

@@ -177,8 +177,11 @@ def rates_of_change(history: Any, accuracy_order: int | None = None, **options: 
     order = resolve_accuracy_order(accuracy_order, hist.shape[0])
     hist = _scaled(hist, scale, options.get("reference"))
     coeffs = finite_difference_coefficients(order, stencil)
-    start = hist.shape[0] - (order + 1)
-    return weighted_row_sum(hist[start:], [float(c) for c in coeffs])
+    window = hist[hist.shape[0] - (order + 1) :]
+    # The coefficients sum to 0 exactly, so differencing against the last row
+    # changes nothing in exact arithmetic, but makes a constant history give
+    # exactly 0 although the float coefficients do not sum to 0.
+    return weighted_row_sum(window - window[-1], [float(c) for c in coeffs])
 
 
 def weighted_row_sum(rows: jax.Array, coefficients: list[float]) -> jax.Array:

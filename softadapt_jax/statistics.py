@@ -68,13 +68,15 @@ def compute_statistic(
       params: parameters pytree.
       batch: the step's batch.
       residuals_fn: for ``"ntk_trace"``: ``r(params, batch) -> sequence of K
-        arrays`` of per-point residuals (the terms whose mean square is loss k).
+        arrays`` of per-point residuals (the terms whose mean square is loss
+        k), computed row by row: row i of every batch leaf gives point i of
+        each residual, as PINN collocation sets do.
       axis_name: a ``pmap`` axis: the per-component gradients (or NTK traces)
         are averaged across it first, so every device gets the global statistic.
       max_points: for ``"ntk_trace"``: estimate each trace from at most this many
-        points of each component (the first ones; collocation points are
-        random, so this is an unbiased subsample). The Jacobian costs one VJP
-        and P floats per point.
+        points (the first rows of every batch leaf, and never more than the
+        smallest leaf has; collocation points are random, so this is an
+        unbiased subsample). Each point costs one one-row backward pass.
 
     Returns:
       ``[K, 2]`` for ``"grad_abs"``, else ``[K]``.
@@ -91,8 +93,7 @@ def compute_statistic(
             )
         if max_points is not None:
             _checks.check_positive_int(max_points, "max_points")
-        num = _count(residuals_fn, params, batch)
-        traces = jnp.stack([_ntk_trace(residuals_fn, params, batch, k, max_points) for k in range(num)])
+        traces = _ntk_traces(residuals_fn, params, batch, max_points)
         return traces if axis_name is None else jax.lax.pmean(traces, axis_name)
     _, grads = stacked_grads(loss_components_fn, params, batch)
     if axis_name is not None:
@@ -106,18 +107,28 @@ def compute_statistic(
     return jnp.stack([abs_max, abs_mean], axis=1)
 
 
-def _count(residuals_fn: Callable[..., Any], params: Any, batch: Any) -> int:
-    return len(jax.eval_shape(residuals_fn, params, batch))
-
-
-def _ntk_trace(
-    residuals_fn: Callable[..., Any], params: Any, batch: Any, k: int, max_points: int | None
+def _ntk_traces(
+    residuals_fn: Callable[..., Any], params: Any, batch: Any, max_points: int | None
 ) -> jax.Array:
-    # Rows of the Jacobian are the per-point gradients; the NTK diagonal is their
-    # squared norms. jacrev costs one VJP per point of this component.
-    jac = jax.jacrev(lambda p: jnp.ravel(residuals_fn(p, batch)[k])[:max_points])(params)
-    sq = sum(jnp.sum(j.reshape(j.shape[0], -1) ** 2, axis=1) for j in jax.tree.leaves(jac))
-    return jnp.mean(sq)
+    """``[K]`` mean squared per-point gradient norms, one point at a time.
+
+    Each point's gradient comes from the residual of a one-row batch, under
+    ``vmap`` over rows: M points cost M one-row backward passes, not M passes
+    through the whole batch (what ``jacrev`` of the batched residual costs).
+    """
+    sizes = [x.shape[0] for x in jax.tree.leaves(batch)]
+    m = min(sizes) if max_points is None else min(max_points, *sizes)
+    rows = jax.tree.map(lambda x: x[:m, None], batch)
+    num = len(jax.eval_shape(residuals_fn, params, jax.tree.map(lambda x: x[0], rows)))
+
+    def point_sq_norms(row_batch: Any) -> jax.Array:
+        def sq_norm(k: int) -> jax.Array:
+            g = jax.grad(lambda p: jnp.ravel(residuals_fn(p, row_batch)[k])[0])(params)
+            return sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(g))
+
+        return jnp.stack([sq_norm(k) for k in range(num)])
+
+    return jnp.mean(jax.vmap(point_sq_norms)(rows), axis=0)
 
 
 def statistic_shape(kind: str, num_losses: int) -> tuple[int, ...]:

@@ -204,7 +204,9 @@ def softadapt_weights(
     hist = check_history(history)
     resolve_accuracy_order(accuracy_order, hist.shape[0])
     beta = _checks.check_scalar(beta, "beta").astype(hist.dtype)
-    return _weights(hist, beta, variant, accuracy_order, opts, reference)
+    return _weights(
+        hist, beta, variant=variant, accuracy_order=accuracy_order, opts=opts, reference=reference
+    )
 
 
 def _weights(

@@ -66,7 +66,10 @@ def softadapt_balancer(
     def rule(history: jax.Array, initial: jax.Array, method_state: Any) -> tuple[jax.Array, Any]:
         reference = initial if (opts.scale == "relative" and relative_to == "initial") else None
         b = _checks.check_scalar(beta, "beta").astype(history.dtype)
-        return _weights(history, b, variant, accuracy_order, opts, reference), method_state
+        weights = _weights(
+            history, b, variant=variant, accuracy_order=accuracy_order, opts=opts, reference=reference
+        )
+        return weights, method_state
 
     return make_balancer(
         rule,
