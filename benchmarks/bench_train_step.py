@@ -1,44 +1,83 @@
-"""Cost of a SoftAdapt training step against a plain summed loss, side by side.
+"""Cost of a balanced training step against a plain summed loss, every balancer side by side.
 
 Run from the repository root::
 
-    /work/venv/bin/python benchmarks/bench_train_step.py             # full run (~1 min)
-    /work/venv/bin/python benchmarks/bench_train_step.py --quick     # smoke test (~20 s)
-    /work/venv/bin/python benchmarks/bench_train_step.py --methods sum,softadapt
+    /work/venv/bin/python benchmarks/bench_train_step.py          # full run (~3 min, loaded 2-core box)
+    /work/venv/bin/python benchmarks/bench_train_step.py --quick  # smoke test (~1.5 min)
+    /work/venv/bin/python benchmarks/bench_train_step.py --methods sum,softadapt,grad_norm
 
 The model is PINN-sized: an MLP 2 -> 64 -> 64 -> 64 -> 1 with tanh, a batch of
 1024 points and K = 4 loss terms (MSEs against four different targets on the
-four disjoint quarters of the batch, at scales 1, 10, 0.1 and 1). Each method
-is one jitted step ``(params, opt_state, x, y) -> (params, opt_state, loss)``
-followed by ``optax.adam``:
+four disjoint quarters of the batch, at scales 1, 10, 0.1 and 1; the batch is
+the pytree ``(xs, ys)`` of the K slices, and every row computes the losses with
+the same function: one forward pass over the concatenated slices). Every row
+is one jitted train step followed by ``optax.adam(1e-3)``:
 
-* ``sum``: ``jax.value_and_grad`` of ``sum_k L_k`` (the baseline, always run);
+* ``sum``: ``jax.value_and_grad`` of ``sum_k L_k`` on a plain
+  ``(params, opt_state)`` pair -- THE baseline (always run);
+* ``sum_state``: the same plain sum written with the structure of the library
+  rows: a ``BalancedTrainState`` (no balancer, ``tx = adam``) and
+  ``state.apply_gradients`` (shows what the train state itself costs);
 * ``softadapt``: path (b), ``value_and_weighted_grad`` with the weights of the
   optimizer state (one backward pass) and ``softadapt`` in the chain;
 * ``softadapt_per_component``: path (a), the K per-component gradients from
   ``jax.jacrev`` (one forward, K vectorised backward passes) combined by
-  ``softadapt(per_component=True)``.
+  ``softadapt(per_component=True)``;
+* every balancer of the library through the library's own Flax-free helper,
+  ``jax.jit(training.make_train_step(loss_components, residuals_fn=...))`` on a
+  ``BalancedTrainState.create(apply_fn=None, params=<plain pytree>,
+  tx=optax.chain(balance(balancer), optax.adam(1e-3)))``: ``fixed`` (all-ones
+  weights: the plain sum through the balancer machinery, the same-structure
+  baseline), ``softadapt_{original,normalized,loss_weighted}``,
+  ``ratio_softadapt``, ``relobralo``, ``dwa``, ``uncertainty``, ``rlw``
+  (default settings, K = 4), and the gradient-statistics balancers
+  ``lr_annealing``, ``grad_norm`` and ``ntk`` with ``update_every=100`` (the
+  issue's setting) and again with ``update_every=1`` (rows ``*_every1``: the
+  statistic on every step, so its own cost is visible). ``ntk`` gets
+  ``residuals_fn(params, batch) -> K arrays``, the per-point residuals
+  ``sqrt(scale_k) * (u(x_k) - y_k)`` on the K slices, whose mean squares are
+  the K loss terms (the loss function is built on it); row i of every slice is
+  point i of every term, so it also works on a one-row batch, as the library's
+  NTK statistic evaluates it (checked before timing). ``ntk_balancer``'s
+  default ``max_points=256`` is all 256 points of each slice here.
 
-Timing: compile and warm up first, then ``--repeats`` rounds; in each round
-every method runs a chain of dependent steps (the result is waited for at
-the end of the chain with ``block_until_ready``), methods in rotating order.
+Timing design: every step is compiled (and the ``update_every=1`` rows
+calibrated) first, then one warm-up call each, then ``--repeats`` interleaved
+rounds (default 15, quick 3; at least 5 without ``--quick``; methods in
+rotating order). In each round every method runs one chain of consecutive
+dependent steps, waited for at its end with ``block_until_ready``, and the
+per-step time of the round is the chain time / its length. The chain is
+``--steps`` steps long (default 100), which must be a multiple of 100, the
+``update_every`` of the gradient-statistics rows: a balancer with
+``update_every = n`` recomputes on exactly one step in every n consecutive
+ones, so every round of every n = 100 row contains exactly ``steps / 100``
+recompute steps (one by default) wherever its chain starts, and its per-step
+time is the fair average over recompute and hold steps (after timing, the
+script checks that those rows' balancers counted every step and did
+recompute). Rows with ``update_every = 1`` do the same work on every step, so
+any chain length is fair for them: a row whose steps are too slow to run
+``--steps`` of them in about 0.5 s runs a shorter chain (``ntk_every1``: one
+step is ~1-2 s here; the lengths are printed above the table).
+
 Reported per step: the median and best (fastest round) wall-clock time, the
 median process CPU time (all threads; much less inflated than wall time when
-other processes compete for the cores), and the ratios to ``sum`` as the
-median of the per-round ratios (paired rounds cancel slow drift of a shared
-machine), for wall and CPU time.
-Target: softadapt / sum <= 1.05.
+other processes compete for the cores), and the ratios to ``sum`` and to
+``fixed`` as the median of the per-round ratios (paired rounds cancel slow
+drift of a shared machine), for wall and CPU time. Also printed: the extra
+cost of a statistic step (``*_every1`` minus ``fixed``) and what it adds once
+amortised over 100 steps.
 
-More balancers become rows by adding an entry to :data:`METHODS` (a name, a
-factory ``K -> optax transform`` and which gradient path it takes). The script
-prints a markdown table and writes nothing.
+Targets: ``softadapt / sum <= 1.05``; the issue's requirement "average step
+cost with n = 100 within 5% of the plain sum" for ``lr_annealing``,
+``grad_norm`` and ``ntk`` (``ratio to sum <= 1.05``); the verdicts are printed
+under the table. More rows are entries of :data:`METHODS`. The script prints
+markdown and writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -48,10 +87,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from softadapt_jax import get_weights, softadapt, value_and_weighted_grad
+import softadapt_jax as sj
+from softadapt_jax import get_weights, softadapt, training, value_and_weighted_grad
 
 try:  # python -m benchmarks.bench_train_step
     from benchmarks._timing import (
+        block,
         calls_per_round,
         fmt_us,
         machine_info_markdown,
@@ -59,10 +100,21 @@ try:  # python -m benchmarks.bench_train_step
         time_interleaved,
     )
 except ImportError:  # python benchmarks/bench_train_step.py: benchmarks/ is on sys.path
-    from _timing import calls_per_round, fmt_us, machine_info_markdown, markdown_table, time_interleaved
+    from _timing import (
+        block,
+        calls_per_round,
+        fmt_us,
+        machine_info_markdown,
+        markdown_table,
+        time_interleaved,
+    )
 
 TARGET_RATIO = 1.05
 BASELINE = "sum"
+STRUCTURED_BASELINE = "fixed"
+STAT_EVERY = 100  # update_every of the gradient-statistics rows the issue's requirement is about
+GRADIENT_STATISTICS = ("lr_annealing", "grad_norm", "ntk")
+ROUND_BUDGET_S = 0.5  # an update_every=1 row whose steps are slower runs a shorter chain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,30 +123,103 @@ class Method:
 
     Attributes:
       description: what the step does.
-      transform: ``K -> optax transform`` put before adam in an ``optax.chain``
-        (``None``: plain summed loss, no balancer).
-      path: ``"sum"`` (gradient of the plain sum), ``"weighted"`` (path (b):
-        one backward pass of ``sum_k w_k L_k`` with ``get_weights``) or
-        ``"per_component"`` (path (a): stacked per-component gradients).
+      path: ``"sum"`` (gradient of the plain sum on ``(params, opt_state)``),
+        ``"sum_state"`` (the same with a ``BalancedTrainState``), ``"weighted"``
+        (path (b): one backward pass of ``sum_k w_k L_k`` with ``get_weights``),
+        ``"per_component"`` (path (a): stacked per-component gradients) or
+        ``"train_step"`` (``training.make_train_step`` with ``balance(balancer)``).
+      transform: for ``"weighted"``/``"per_component"``: ``K -> optax transform``
+        put before adam in an ``optax.chain``.
+      balancer: for ``"train_step"``: ``K -> Balancer``.
+      update_every: how often the balancer recomputes its weights (for the table).
     """
 
     description: str
-    transform: Callable[[int], optax.GradientTransformation] | None
     path: str
+    transform: Callable[[int], optax.GradientTransformation] | None = None
+    balancer: Callable[[int], sj.Balancer] | None = None
+    update_every: int = 1
+
+
+def _stat_rows(every: int, suffix: str) -> dict[str, Method]:
+    return {
+        f"lr_annealing{suffix}": Method(
+            f"make_train_step, lr_annealing_balancer(update_every={every}) (grad_abs statistic)",
+            "train_step",
+            balancer=lambda k: sj.lr_annealing_balancer(num_losses=k, update_every=every),
+            update_every=every,
+        ),
+        f"grad_norm{suffix}": Method(
+            f"make_train_step, grad_norm_balancer(update_every={every}) (grad_norm statistic)",
+            "train_step",
+            balancer=lambda k: sj.grad_norm_balancer(num_losses=k, update_every=every),
+            update_every=every,
+        ),
+        f"ntk{suffix}": Method(
+            f"make_train_step, ntk_balancer(update_every={every}) (ntk_trace, 256 points/loss)",
+            "train_step",
+            balancer=lambda k: sj.ntk_balancer(num_losses=k, update_every=every),
+            update_every=every,
+        ),
+    }
+
+
+def _softadapt_row(variant: str) -> Method:
+    return Method(
+        f"make_train_step, softadapt_balancer(variant={variant!r})",
+        "train_step",
+        balancer=lambda k: sj.softadapt_balancer(0.1, num_losses=k, variant=variant),
+    )
 
 
 METHODS: dict[str, Method] = {
-    "sum": Method("plain sum: value_and_grad(sum_k L_k)", None, "sum"),
+    "sum": Method("plain sum: value_and_grad(sum_k L_k), (params, opt_state)", "sum"),
+    "sum_state": Method("plain sum, BalancedTrainState + apply_gradients, tx = adam", "sum_state"),
     "softadapt": Method(
         "SoftAdapt, path (b): value_and_weighted_grad (one backward pass)",
-        lambda k: softadapt(0.1, num_losses=k),
         "weighted",
+        transform=lambda k: softadapt(0.1, num_losses=k),
     ),
     "softadapt_per_component": Method(
         "SoftAdapt, path (a): jacrev per-component grads, per_component=True",
-        lambda k: softadapt(0.1, num_losses=k, per_component=True),
         "per_component",
+        transform=lambda k: softadapt(0.1, num_losses=k, per_component=True),
     ),
+    "fixed": Method(
+        "make_train_step, fixed_balancer() (all ones: plain sum, same structure)",
+        "train_step",
+        balancer=lambda k: sj.fixed_balancer(num_losses=k),
+    ),
+    "softadapt_original": _softadapt_row("original"),
+    "softadapt_normalized": _softadapt_row("normalized"),
+    "softadapt_loss_weighted": _softadapt_row("loss_weighted"),
+    "ratio_softadapt": Method(
+        "make_train_step, ratio_softadapt_balancer()",
+        "train_step",
+        balancer=lambda k: sj.ratio_softadapt_balancer(num_losses=k),
+    ),
+    "relobralo": Method(
+        "make_train_step, relobralo_balancer()",
+        "train_step",
+        balancer=lambda k: sj.relobralo_balancer(num_losses=k),
+    ),
+    "dwa": Method(
+        "make_train_step, dwa_balancer()",
+        "train_step",
+        balancer=lambda k: sj.dwa_balancer(num_losses=k),
+    ),
+    "uncertainty": Method(
+        "make_train_step, uncertainty_balancer() (adam(1e-2) on log-variances)",
+        "train_step",
+        balancer=lambda k: sj.uncertainty_balancer(num_losses=k),
+    ),
+    "rlw": Method(
+        "make_train_step, rlw_balancer()",
+        "train_step",
+        balancer=lambda k: sj.rlw_balancer(num_losses=k),
+    ),
+    **_stat_rows(STAT_EVERY, ""),
+    **_stat_rows(1, "_every1"),
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -118,8 +243,16 @@ def mlp(params: list[dict[str, jax.Array]], x: jax.Array) -> jax.Array:
     return (x @ params[-1]["w"] + params[-1]["b"])[:, 0]
 
 
-def make_batch(key: jax.Array, batch: int, num_losses: int) -> tuple[jax.Array, jax.Array]:
-    """``x [batch, 2]`` and targets ``y [batch]``: a different function on each of K slices."""
+Batch = tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]
+
+
+def make_batch(key: jax.Array, batch: int, num_losses: int) -> Batch:
+    """``(xs, ys)``: K slices ``x_k [batch/K, 2]`` with targets ``y_k``, a different function each.
+
+    One pytree leaf per slice, so that row i of every leaf is point i of every
+    loss term (the layout of PINN collocation sets that the NTK statistic's
+    ``residuals_fn`` is evaluated on, one row at a time).
+    """
     x = jax.random.uniform(key, (batch, 2), minval=-1.0, maxval=1.0)
     funcs = [
         lambda x: jnp.sin(np.pi * x[:, 0]) * jnp.cos(np.pi * x[:, 1]),
@@ -127,37 +260,69 @@ def make_batch(key: jax.Array, batch: int, num_losses: int) -> tuple[jax.Array, 
         lambda x: jnp.zeros(x.shape[0]),
         lambda x: jnp.exp(-(x[:, 0] ** 2 + x[:, 1] ** 2)),
     ]
-    parts = jnp.array_split(x, num_losses)
-    y = jnp.concatenate([funcs[k % len(funcs)](p) for k, p in enumerate(parts)])
-    return x, y
+    xs = tuple(jnp.array_split(x, num_losses))
+    return xs, tuple(funcs[k % len(funcs)](p) for k, p in enumerate(xs))
 
 
-def loss_components(params: Any, x: jax.Array, y: jax.Array, num_losses: int) -> jax.Array:
-    """``[K]`` MSEs on the K disjoint slices of the batch, at different scales."""
-    residual = mlp(params, x) - y
-    parts = jnp.array_split(residual, num_losses)
-    return jnp.stack([SCALES[k % len(SCALES)] * jnp.mean(r**2) for k, r in enumerate(parts)])
+def residuals(params: Any, batch: Batch) -> list[jax.Array]:
+    """K arrays of per-point residuals ``sqrt(scale_k) * (u(x_k) - y_k)``: ``mean(r_k**2) = L_k``.
+
+    One forward pass over the concatenated slices (the same cost as a single
+    batch of all points), split back into the K terms.
+    """
+    xs, ys = batch
+    residual = mlp(params, jnp.concatenate(xs)) - jnp.concatenate(ys)
+    parts = jnp.split(residual, np.cumsum([len(y) for y in ys])[:-1])
+    return [np.sqrt(SCALES[k % len(SCALES)]) * r for k, r in enumerate(parts)]
 
 
-def make_step(
-    method: Method, num_losses: int, lr: float = 1e-3
-) -> tuple[optax.GradientTransformation, Callable]:
-    """The optimizer and the jitted step ``(params, opt_state, x, y) -> (params, opt_state, loss)``."""
+def loss_components(params: Any, batch: Batch) -> jax.Array:
+    """``[K]`` MSEs on the K disjoint slices of the batch, at scales 1, 10, 0.1, 1."""
+    return jnp.stack([jnp.mean(r**2) for r in residuals(params, batch)])
+
+
+# ----------------------------------------------------------------------------------------------
+# steps
+# ----------------------------------------------------------------------------------------------
+
+
+def make_runner(method: Method, num_losses: int, params0: Any, batch: Batch, lr: float = 1e-3):
+    """``(run_one, get_state)``: one compiled step advancing its own carried state, and a reader."""
+    if method.path in ("train_step", "sum_state"):
+        if method.path == "train_step":
+            tx = optax.chain(sj.balance(method.balancer(num_losses)), optax.adam(lr))
+            step = training.make_train_step(loss_components, residuals_fn=residuals)
+        else:
+            tx = optax.adam(lr)
+
+            def step(state, b):
+                loss, grads = jax.value_and_grad(lambda p: jnp.sum(loss_components(p, b)))(state.params)
+                return state.apply_gradients(grads=grads), {"loss": loss}
+
+        step = jax.jit(step)
+        carry = [training.BalancedTrainState.create(apply_fn=None, params=params0, tx=tx)]
+
+        def run_one():
+            carry[0], metrics = step(carry[0], batch)
+            return carry[0], metrics
+
+        return run_one, lambda: carry[0]
+
     adam = optax.adam(lr)
     tx = adam if method.transform is None else optax.chain(method.transform(num_losses), adam)
-    components = functools.partial(loss_components, num_losses=num_losses)
 
-    def step(params, opt_state, x, y):
+    def raw_step(params, opt_state, batch):
         if method.path == "sum":
-            loss, grads = jax.value_and_grad(lambda p: jnp.sum(components(p, x, y)))(params)
+            loss, grads = jax.value_and_grad(lambda p: jnp.sum(loss_components(p, batch)))(params)
             updates, opt_state = tx.update(grads, opt_state, params)
         elif method.path == "weighted":
-            (loss, losses), grads = value_and_weighted_grad(components)(get_weights(opt_state), params, x, y)
+            weighted = value_and_weighted_grad(loss_components)
+            (loss, losses), grads = weighted(get_weights(opt_state), params, batch)
             updates, opt_state = tx.update(grads, opt_state, params, losses=losses)
         elif method.path == "per_component":
 
             def with_aux(p):
-                losses = components(p, x, y)
+                losses = loss_components(p, batch)
                 return losses, losses
 
             per_component, losses = jax.jacrev(with_aux, has_aux=True)(params)  # leaves [K, ...]
@@ -167,18 +332,25 @@ def make_step(
             raise ValueError(f"unknown gradient path {method.path!r}")
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return tx, jax.jit(step)
+    jstep = jax.jit(raw_step)
+    carry = [params0, tx.init(params0)]
+
+    def run_one():
+        params, opt_state, loss = jstep(carry[0], carry[1], batch)
+        carry[0], carry[1] = params, opt_state
+        return params, opt_state, loss
+
+    return run_one, lambda: tuple(carry)
 
 
-def check_paths_agree(num_losses: int, params: Any, x: jax.Array, y: jax.Array, steps: int = 8) -> float:
+def check_paths_agree(num_losses: int, params: Any, batch: Batch, steps: int = 8) -> float:
     """Paths (a) and (b) give the same parameters (the benchmark compares equal computations)."""
     results = []
     for name in ("softadapt", "softadapt_per_component"):
-        tx, step = make_step(METHODS[name], num_losses)
-        p, s = params, tx.init(params)
+        run_one, get = make_runner(METHODS[name], num_losses, params, batch)
         for _ in range(steps):
-            p, s, _ = step(p, s, x, y)
-        results.append(p)
+            run_one()
+        results.append(get()[0])
     diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), *results)
     worst = max(jax.tree.leaves(diffs))
     if worst > 1e-4:
@@ -186,9 +358,43 @@ def check_paths_agree(num_losses: int, params: Any, x: jax.Array, y: jax.Array, 
     return worst
 
 
+def check_residuals(params: Any, batch: Batch) -> float:
+    """``residuals_fn`` works one row at a time and reproduces the loss terms point by point."""
+    whole = residuals(params, batch)
+    one_row = [residuals(params, jax.tree.map(lambda a, i=i: a[i : i + 1], batch)) for i in range(3)]
+    worst = 0.0
+    for i, rows in enumerate(one_row):
+        for k, r in enumerate(rows):
+            if r.shape != (1,):
+                raise AssertionError(f"residuals_fn on one row gives shape {r.shape} for term {k}")
+            worst = max(worst, float(jnp.abs(r[0] - whole[k][i])))
+    if worst > 1e-5:
+        raise AssertionError(f"residuals_fn row by row differs from the batch by {worst:.1e}")
+    return worst
+
+
+def check_recomputed(name: str, state: Any) -> None:
+    """A gradient-statistics row must have recomputed its weights (the statistic branch ran)."""
+    (bstate,) = sj.find_balancer_states(state.opt_state)
+    if int(bstate.count) != int(state.step) or int(bstate.rejected):
+        raise AssertionError(f"{name}: balancer counted {int(bstate.count)} of {int(state.step)} steps")
+    if np.allclose(np.asarray(bstate.method_state.ema), 1.0):
+        raise AssertionError(f"{name}: weights never left their initial value; the statistic never ran")
+
+
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
+
+
+def _median_ratio(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    return float(np.median([x / y for x, y in zip(a, b, strict=True)]))
+
+
+def _ratio_iqr(a: tuple[float, ...], b: tuple[float, ...]) -> str:
+    """The interquartile range of the per-round ratios, e.g. ``[0.98, 1.07]``."""
+    q1, q3 = np.percentile([x / y for x, y in zip(a, b, strict=True)], [25, 75])
+    return f"[{q1:.2f}, {q3:.2f}]"
 
 
 def main() -> None:
@@ -196,10 +402,17 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         default=",".join(METHODS),
-        help=f"comma-separated rows from {sorted(METHODS)}; '{BASELINE}' is always added (default: all)",
+        help=f"comma-separated rows from {list(METHODS)}; '{BASELINE}' is always added, and "
+        f"'{STRUCTURED_BASELINE}' whenever a make_train_step row is chosen (default: all)",
     )
-    parser.add_argument("--quick", action="store_true", help="few short rounds, for a smoke test")
-    parser.add_argument("--repeats", type=int, default=None, help="timing rounds (default 21, quick 3)")
+    parser.add_argument("--quick", action="store_true", help="few rounds, for a smoke test")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 15, quick 3)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=100,
+        help=f"consecutive steps per method per round, a multiple of {STAT_EVERY} (default 100)",
+    )
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--num-losses", type=int, default=4)
     args = parser.parse_args()
@@ -208,91 +421,157 @@ def main() -> None:
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     unknown = sorted(set(names) - set(METHODS))
     if unknown:
-        parser.error(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
-    names = [BASELINE] + [n for n in dict.fromkeys(names) if n != BASELINE]
-    repeats = args.repeats or (3 if args.quick else 21)
-    round_seconds = 0.03 if args.quick else 0.15
+        parser.error(f"unknown method(s) {unknown}; known: {list(METHODS)}")
+    chosen = {BASELINE, *names}
+    if any(METHODS[n].path == "train_step" for n in names):
+        chosen.add(STRUCTURED_BASELINE)
+    names = [n for n in METHODS if n in chosen]  # table order
+    if args.steps < STAT_EVERY or args.steps % STAT_EVERY:
+        parser.error(f"--steps must be a positive multiple of {STAT_EVERY}, got {args.steps}")
+    if args.batch % args.num_losses:
+        parser.error("--batch must divide by --num-losses")
+    repeats = args.repeats or (3 if args.quick else 15)
+    if not args.quick and repeats < 5:
+        parser.error("use at least 5 rounds (or --quick)")
+    steps = args.steps
+    warmup = 1  # after the compiling call and the calibration calls
     k = args.num_losses
 
     key_params, key_data = jax.random.split(jax.random.PRNGKey(0))
     params0 = init_mlp(key_params)
-    x, y = make_batch(key_data, args.batch, k)
+    batch = make_batch(key_data, args.batch, k)
     num_params = sum(p.size for p in jax.tree.leaves(params0))
 
     path_diff = None
     if {"softadapt", "softadapt_per_component"} <= set(names):
-        path_diff = check_paths_agree(k, params0, x, y)
+        path_diff = check_paths_agree(k, params0, batch)
+    res_err = check_residuals(params0, batch) if any(n.startswith("ntk") for n in names) else None
 
-    runners, number = {}, {}
+    runners, readers, number = {}, {}, {}
     for name in names:
-        tx, step = make_step(METHODS[name], k)
-        carry = [params0, tx.init(params0)]
-
-        def run_one(step=step, carry=carry):
-            params, opt_state, loss = step(carry[0], carry[1], x, y)
-            carry[0], carry[1] = params, opt_state
-            return params, opt_state, loss
-
-        run_one()  # compile
-        runners[name] = run_one
-        number[name] = calls_per_round(run_one, round_seconds, cap=10_000)
-
-    timings = time_interleaved(runners, repeats=repeats, number=number, warmup=3, block_each=False)
+        runners[name], readers[name] = make_runner(METHODS[name], k, params0, batch)
+        block(runners[name]())  # compile
+        # Rows with update_every = 1 do the same work on every step, so any chain is fair: a row
+        # whose step is too slow for `steps` per round (ntk_every1) runs a shorter one.
+        if METHODS[name].update_every == 1:
+            number[name] = calls_per_round(runners[name], ROUND_BUDGET_S, cap=steps)
+        else:
+            number[name] = steps
+    timings = time_interleaved(runners, repeats=repeats, number=number, warmup=warmup, block_each=False)
+    for name in names:
+        if name.removesuffix("_every1") in GRADIENT_STATISTICS:
+            check_recomputed(name, readers[name]())
 
     base = timings[BASELINE]
+    struct = timings.get(STRUCTURED_BASELINE)
+    ratios: dict[str, tuple[float, float]] = {}
     rows = []
-    ratios, cpu_ratios = {}, {}
     for name in names:
         t = timings[name]
-        paired = [a / b for a, b in zip(t.samples, base.samples, strict=True)]
-        ratios[name] = float(np.median(paired))
-        cpu_paired = [a / b for a, b in zip(t.cpu_samples, base.cpu_samples, strict=True)]
-        cpu_ratios[name] = float(np.median(cpu_paired))
+        ratios[name] = (
+            _median_ratio(t.samples, base.samples),
+            _median_ratio(t.cpu_samples, base.cpu_samples),
+        )
+        if struct is not None:
+            vs_fixed = [
+                f"{_median_ratio(t.samples, struct.samples):.3f}",
+                f"{_median_ratio(t.cpu_samples, struct.cpu_samples):.3f}",
+            ]
+        else:
+            vs_fixed = ["", ""]
         rows.append(
             [
                 f"`{name}`",
                 METHODS[name].description,
+                str(METHODS[name].update_every) if METHODS[name].path == "train_step" else "",
                 fmt_us(t.median),
                 fmt_us(t.best),
                 fmt_us(t.cpu_median),
-                f"{ratios[name]:.3f}",
-                f"{cpu_ratios[name]:.3f}",
+                f"{ratios[name][0]:.3f}",
+                f"{ratios[name][1]:.3f}",
+                *vs_fixed,
             ]
         )
 
     print(f"## bench_train_step{' (--quick)' if args.quick else ''}\n")
     print(machine + "\n")
-    print(
-        f"MLP 2-64-64-64-1 tanh ({num_params:,} parameters), batch {args.batch}, K={k} losses, adam; "
-        f"median of {repeats} interleaved rounds of {min(number.values())}-{max(number.values())} "
-        "dependent steps each."
-        + (f" Paths (a) and (b) agree to max |dparam| = {path_diff:.1e} after 8 steps." if path_diff else "")
-        + "\n"
-    )
+    notes = [
+        f"MLP 2-64-64-64-1 tanh ({num_params:,} parameters), batch {args.batch}, K={k} losses, adam(1e-3); "
+        f"median of {repeats} interleaved rounds of {steps} consecutive dependent steps per method "
+        f"(every round of an n={STAT_EVERY} row holds exactly {steps // STAT_EVERY} recompute step(s))."
+    ]
+    short = {n: c for n, c in number.items() if c < steps}
+    if short:
+        notes.append(
+            "Shorter chains (update_every=1 rows, every step alike): "
+            + ", ".join(f"`{n}` {c}" for n, c in short.items())
+            + " steps per round."
+        )
+    if path_diff is not None:
+        notes.append(f"Paths (a) and (b) agree to max |dparam| = {path_diff:.1e} after 8 steps.")
+    if res_err is not None:
+        notes.append(f"NTK residuals_fn row by row matches the batched residuals to {res_err:.1e}.")
+    print(" ".join(notes) + "\n")
     headers = [
         "method",
         "step",
+        "n",
         "wall median (µs)",
         "wall best (µs)",
         "CPU median (µs)",
-        "wall ratio",
-        "CPU ratio",
+        "wall / sum",
+        "CPU / sum",
+        "wall / fixed",
+        "CPU / fixed",
     ]
-    print(markdown_table(headers, rows, align="llrrrrr"))
-    print("\nRatios vs `sum`: median over rounds of the per-round ratio (wall clock, and process CPU time).")
-    if "softadapt" in ratios:
-        r, c = ratios["softadapt"], cpu_ratios["softadapt"]
+    print(markdown_table(headers, rows, align="llrrrrrrrr"))
+    print(
+        f"\n`n`: update_every of the balancer. Ratios: median over rounds of the per-round ratio "
+        f"(wall clock, and process CPU time), against `{BASELINE}` (raw value_and_grad, THE baseline) "
+        f"and against `{STRUCTURED_BASELINE}` (the plain sum through make_train_step + fixed_balancer)."
+    )
 
-        def verdict(x: float) -> str:
-            return "met" if x <= TARGET_RATIO else "NOT met"
+    def verdict(v: float) -> str:
+        return "met" if v <= TARGET_RATIO else "NOT met"
 
+    print()
+    if "sum_state" in ratios:
+        r, c = ratios["sum_state"]
+        t = timings["sum_state"]
         print(
-            f"Target softadapt/sum <= {TARGET_RATIO}: wall {r:.3f} ({verdict(r)}), "
+            f"- Noise floor: `sum_state` does the work of `sum` (plus a step counter): wall {r:.3f} "
+            f"(rounds IQR {_ratio_iqr(t.samples, base.samples)}), CPU {c:.3f} "
+            f"(IQR {_ratio_iqr(t.cpu_samples, base.cpu_samples)})."
+        )
+    if "softadapt" in ratios:
+        r, c = ratios["softadapt"]
+        print(
+            f"- Target softadapt/sum <= {TARGET_RATIO}: wall {r:.3f} ({verdict(r)}), "
             f"CPU {c:.3f} ({verdict(c)})."
         )
     if "softadapt_per_component" in ratios:
-        r, c = ratios["softadapt_per_component"], cpu_ratios["softadapt_per_component"]
-        print(f"Path (a)/sum: wall {r:.2f}, CPU {c:.2f} (K={k} backward passes, vectorised).")
+        r, c = ratios["softadapt_per_component"]
+        print(f"- Path (a)/sum: wall {r:.2f}, CPU {c:.2f} (K={k} backward passes, vectorised).")
+    for name in GRADIENT_STATISTICS:
+        if name not in ratios:
+            continue
+        r, c = ratios[name]
+        t = timings[name]
+        line = (
+            f"- Issue requirement, `{name}` (n={STAT_EVERY}) average step within 5% of the plain sum: "
+            f"wall {r:.3f} ({verdict(r)}; rounds IQR {_ratio_iqr(t.samples, base.samples)}), "
+            f"CPU {c:.3f} ({verdict(c)}; IQR {_ratio_iqr(t.cpu_samples, base.cpu_samples)})"
+        )
+        every1 = f"{name}_every1"
+        if every1 in timings and struct is not None:
+            extra = timings[every1].cpu_median - struct.cpu_median
+            amortised = 100 * extra / STAT_EVERY / base.cpu_median
+            line += (
+                f"; a statistic step costs +{fmt_us(extra)} µs CPU over `fixed` "
+                f"({timings[every1].cpu_median / struct.cpu_median:.1f}x), "
+                f"amortised over {STAT_EVERY} steps +{amortised:.1f}% of `sum`"
+            )
+        print(line + ".")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def method_registry() -> dict[str, BalancerFactory]:
         "rlw": lambda k: B.rlw_balancer(num_losses=k),
         "lr_annealing": lambda k: B.lr_annealing_balancer(num_losses=k, update_every=10),
         "grad_norm": lambda k: B.grad_norm_balancer(num_losses=k, update_every=100),
-        "ntk": lambda k: B.ntk_balancer(num_losses=k, update_every=100),
+        "ntk": lambda k: B.ntk_balancer(num_losses=k, update_every=100, max_points=256),
     }
     return registry
 
@@ -245,6 +245,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed0", type=int, default=0, help="first PRNG seed (default 0)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     parser.add_argument("--chunk", type=int, default=100, help="steps per jitted scan chunk (default 100)")
+    parser.add_argument("--hidden", default="64,64,64", help="hidden layer widths (default 64,64,64)")
+    parser.add_argument("--points", type=int, default=1024, help="residual collocation points (default 1024)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out", help="output folder")
     parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib figures")
     parser.add_argument("--list-methods", action="store_true", help="print the method names and exit")
@@ -272,6 +274,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--steps must be a positive multiple of --chunk={args.chunk}, got {args.steps}")
     if not args.lr > 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
+    try:
+        args.hidden = tuple(int(w) for w in args.hidden.split(","))
+    except ValueError:
+        parser.error(f"--hidden must be comma-separated integers, got {args.hidden!r}")
+    if not args.hidden or min(args.hidden) < 1:
+        parser.error(f"--hidden widths must be >= 1, got {args.hidden}")
+    if args.points < 1:
+        parser.error(f"--points must be >= 1, got {args.points}")
     return args
 
 
@@ -282,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[MethodResult]]:
     all_results: dict[str, list[MethodResult]] = {}
     command = "python examples/pinn_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
     for pname in args.problems:
-        problem = get_problem(pname)
+        problem = get_problem(pname, hidden=args.hidden, num_residual=args.points)
         problem.reference()  # build the reference before timing anything
         total = len(args.method_names) * args.seeds * args.steps
         results = []

@@ -122,11 +122,14 @@ def _ntk_traces(
     num = len(jax.eval_shape(residuals_fn, params, jax.tree.map(lambda x: x[0], rows)))
 
     def point_sq_norms(row_batch: Any) -> jax.Array:
-        def sq_norm(k: int) -> jax.Array:
-            g = jax.grad(lambda p: jnp.ravel(residuals_fn(p, row_batch)[k])[0])(params)
-            return sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(g))
-
-        return jnp.stack([sq_norm(k) for k in range(num)])
+        # One forward pass of the point, then one VJP per residual.
+        values, vjp_fn = jax.vjp(lambda p: tuple(residuals_fn(p, row_batch)), params)
+        norms = []
+        for k in range(num):
+            cotangent = tuple(jnp.ones_like(v) if j == k else jnp.zeros_like(v) for j, v in enumerate(values))
+            (g,) = vjp_fn(cotangent)
+            norms.append(sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(g)))
+        return jnp.stack(norms)
 
     return jnp.mean(jax.vmap(point_sq_norms)(rows), axis=0)
 

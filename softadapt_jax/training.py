@@ -138,7 +138,9 @@ def make_train_step(
         (``None`` on one device or under sharded ``jit``).
       has_aux: whether ``f`` returns auxiliary outputs (put in ``metrics["aux"]``).
       residuals_fn: ``r(params, batch) -> K arrays`` of per-point residuals,
-        needed only by the NTK balancer.
+        needed only by the NTK balancer. It must work row by row: given a
+        one-row batch (row i of every leaf) it returns point i of each
+        residual, as PINN collocation sets do.
 
     Balancers that need a gradient statistic (learning-rate annealing,
     gradient-norm, NTK weighting) get it computed under ``lax.cond`` on the

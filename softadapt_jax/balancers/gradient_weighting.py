@@ -175,7 +175,7 @@ def ntk_balancer(
     num_losses: int,
     momentum: float = 0.9,
     update_every: int = 100,
-    max_points: int | None = 256,
+    max_points: int | None = 128,
     setpoint: Any = None,
     dtype: Any = None,
 ) -> Balancer:
@@ -189,10 +189,10 @@ def ntk_balancer(
       num_losses: K.
       momentum: ``m``, 0.9 as jaxpi.
       update_every: recompute every n steps.
-      max_points: estimate each trace from at most this many points per loss
-        (``None``: all). The per-point Jacobian costs a VJP per point, so the
-        full 1024-point residual set is ~4x the cost of 256 points for an
-        estimate of the same mean.
+      max_points: estimate each trace from at most this many points (the
+        first rows of every batch leaf; ``None``: as many as the smallest leaf
+        has). Each point costs a one-row forward pass and K backward passes,
+        so the cost of a recompute step grows linearly with it.
       setpoint: optional ``[K]`` prior coefficients.
       dtype: state dtype.
 
