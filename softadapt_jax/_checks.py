@@ -7,6 +7,7 @@ that names the argument and what was received.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from typing import Any
 
@@ -80,3 +81,46 @@ def check_unknown_options(options: dict[str, Any], known: Collection[str], where
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(f"{where} got unknown option(s) {unknown}; known options are {sorted(known)}.")
+
+
+def check_float(
+    value: Any,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Returns a finite real hyperparameter as a Python float, or raises.
+
+    Raises:
+      TypeError: ``value`` is not a real number (bools and traced values included).
+      ValueError: ``value`` is not finite or outside the interval, with the
+        interval and the value in the message.
+    """
+    if (
+        isinstance(value, (jax.Array, np.ndarray))
+        and value.ndim == 0
+        and not isinstance(value, jax.core.Tracer)
+    ):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"`{name}` must be a real number, got {value!r} of type {type(value).__name__}.")
+    v = float(value)
+    ok = math.isfinite(v)
+    if low is not None:
+        ok = ok and (v > low if low_open else v >= low)
+    if high is not None:
+        ok = ok and (v < high if high_open else v <= high)
+    if not ok:
+        if low is not None and high is not None:
+            interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        elif low is not None:
+            interval = f"{'>' if low_open else '>='} {low:g}"
+        elif high is not None:
+            interval = f"{'<' if high_open else '<='} {high:g}"
+        else:
+            interval = "finite"
+        raise ValueError(f"`{name}` must be a finite number {interval}, got {value!r}.")
+    return v

@@ -18,10 +18,10 @@ import numpy as np
 import optax
 import pytest
 
-from softadapt_jax.balancers.base import Balancer
+from softadapt_jax.balancers.base import Balancer, safe_ratio
 from softadapt_jax.balancers.dwa import dwa_balancer
 from softadapt_jax.balancers.fixed import fixed_balancer
-from softadapt_jax.balancers.ratio import ratio_softadapt_balancer, safe_ratio
+from softadapt_jax.balancers.ratio import ratio_softadapt_balancer
 from softadapt_jax.balancers.relobralo import relobralo_balancer
 from softadapt_jax.balancers.rlw import rlw_balancer
 from softadapt_jax.balancers.uncertainty import uncertainty_balancer

@@ -127,9 +127,9 @@ def test_missing_statistic_and_bad_config_errors() -> None:
         lr_annealing_balancer(num_losses=2, mode="median")
     with pytest.raises(ValueError, match=r"`reference` must be an index in \[0, 2\)"):
         lr_annealing_balancer(num_losses=2, reference=2)
-    with pytest.raises(ValueError, match=r"`momentum` must be a float in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"`momentum` must be a finite number in \[0, 1\]"):
         ntk_balancer(num_losses=2, momentum=1.5)
-    with pytest.raises(ValueError, match=r"`alpha` must be a float in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"`alpha` must be a finite number in \[0, 1\]"):
         lr_annealing_balancer(num_losses=2, alpha=-0.1)
     with pytest.raises(ValueError, match="needs `residuals_fn"):
         compute_statistic("ntk_trace", loss_components, init_params(), X)

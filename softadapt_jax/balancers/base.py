@@ -137,6 +137,28 @@ def check_setpoint(setpoint: Any, num_losses: int) -> jax.Array | None:
     return arr
 
 
+def resolve_dtype(dtype: Any) -> jnp.dtype:
+    """The history dtype :func:`make_balancer` will use (for method states built up front)."""
+    hist_dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
+    if not jnp.issubdtype(hist_dtype, jnp.floating) or jnp.finfo(hist_dtype).bits < 32:
+        raise ValueError(f"`dtype` must be float32 or float64, got {hist_dtype}.")
+    return hist_dtype
+
+
+def safe_ratio(num: jax.Array, den: jax.Array, eps: float) -> jax.Array:
+    """``num / (den + eps)``, defined everywhere.
+
+    Where ``den + eps == 0`` (only possible with ``eps = 0`` or negative
+    losses) the ratio is 1 if ``num == 0`` too (no change) and ``sign(num) * inf``
+    otherwise; :func:`~softadapt_jax.weights.stable_softmax` clips infinities to
+    the largest finite float, so the weights stay finite.
+    """
+    d = den + eps
+    zero = d == 0
+    inf_or_one = jnp.where(num == 0, jnp.ones_like(num), jnp.sign(num) * jnp.inf)
+    return jnp.where(zero, inf_or_one, num / jnp.where(zero, jnp.ones_like(d), d))
+
+
 def make_balancer(
     rule: WeightRule,
     *,
@@ -178,9 +200,7 @@ def make_balancer(
     update_every = _checks.check_positive_int(update_every, "update_every")
     accumulate = _checks.check_positive_int(accumulate, "accumulate")
     prior = check_setpoint(setpoint, k)
-    hist_dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
-    if not jnp.issubdtype(hist_dtype, jnp.floating) or jnp.finfo(hist_dtype).bits < 32:
-        raise ValueError(f"`dtype` must be float32 or float64, got {hist_dtype}.")
+    hist_dtype = resolve_dtype(dtype)
 
     def apply_setpoint(w: jax.Array) -> jax.Array:
         return w if prior is None else w * prior.astype(w.dtype)

@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from softadapt_jax import _checks
-from softadapt_jax.balancers.base import Balancer, make_balancer
-from softadapt_jax.balancers.ratio import RATIO_EPS, check_float, safe_ratio
+from softadapt_jax._checks import check_float
+from softadapt_jax.balancers.base import Balancer, make_balancer, safe_ratio
+from softadapt_jax.balancers.ratio import RATIO_EPS
 from softadapt_jax.weights import stable_softmax
 
 

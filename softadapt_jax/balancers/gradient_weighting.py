@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from softadapt_jax import _checks
-from softadapt_jax.balancers.base import Balancer, make_balancer
+from softadapt_jax.balancers.base import Balancer, make_balancer, resolve_dtype
 
 LR_ANNEALING_MODES: tuple[str, ...] = ("max", "mean")
 
@@ -38,12 +38,6 @@ class GradientWeightingState:
     ema: jax.Array
     statistic: str = flax.struct.field(pytree_node=False, default="grad_norm")
     statistic_options: tuple[tuple[str, Any], ...] = flax.struct.field(pytree_node=False, default=())
-
-
-def _check_rate(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"`{name}` must be a float in [0, 1], got {value!r}.")
-    return float(value)
 
 
 def _ema_rule(estimate_fn: Any, keep: float) -> Any:
@@ -75,7 +69,7 @@ def _make(
     statistic_options: tuple[tuple[str, Any], ...] = (),
 ) -> Balancer:
     k = _checks.check_positive_int(num_losses, "num_losses")
-    hist_dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
+    hist_dtype = resolve_dtype(dtype)
     return make_balancer(
         _ema_rule(estimate_fn, keep),
         num_losses=k,
@@ -128,7 +122,7 @@ def lr_annealing_balancer(
     k = _checks.check_positive_int(num_losses, "num_losses")
     if isinstance(reference, bool) or not isinstance(reference, int) or not 0 <= reference < k:
         raise ValueError(f"`reference` must be an index in [0, {k}), got {reference!r}.")
-    alpha = _check_rate(alpha, "alpha")
+    alpha = _checks.check_float(alpha, "alpha", low=0.0, high=1.0)
 
     def estimate(stats: jax.Array) -> jax.Array:
         numerator = stats[reference, 0] if mode == "max" else stats[reference, 1]
@@ -162,7 +156,7 @@ def grad_norm_balancer(
     Returns:
       A :class:`Balancer` needing the ``"grad_norm"`` statistic.
     """
-    momentum = _check_rate(momentum, "momentum")
+    momentum = _checks.check_float(momentum, "momentum", low=0.0, high=1.0)
 
     def estimate(norms: jax.Array) -> jax.Array:
         return jnp.sum(norms) / norms
@@ -199,7 +193,7 @@ def ntk_balancer(
     Returns:
       A :class:`Balancer` needing the ``"ntk_trace"`` statistic.
     """
-    momentum = _check_rate(momentum, "momentum")
+    momentum = _checks.check_float(momentum, "momentum", low=0.0, high=1.0)
     if max_points is not None:
         _checks.check_positive_int(max_points, "max_points")
 

@@ -13,83 +13,15 @@ and :mod:`~softadapt_jax.balancers.rlw`.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from softadapt_jax import _checks
-from softadapt_jax.balancers.base import Balancer, make_balancer
+from softadapt_jax.balancers.base import Balancer, make_balancer, safe_ratio
 from softadapt_jax.weights import stable_softmax
 
 RATIO_EPS = 1e-8
-
-
-def check_float(
-    value: Any,
-    name: str,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> float:
-    """Returns a finite real hyperparameter as a Python float, or raises.
-
-    Raises:
-      TypeError: ``value`` is not a real number (bools and traced values included).
-      ValueError: ``value`` is not finite or outside the interval, with the
-        interval and the value in the message.
-    """
-    if (
-        isinstance(value, (jax.Array, np.ndarray))
-        and value.ndim == 0
-        and not isinstance(value, jax.core.Tracer)
-    ):
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"`{name}` must be a real number, got {value!r} of type {type(value).__name__}.")
-    v = float(value)
-    ok = math.isfinite(v)
-    if low is not None:
-        ok = ok and (v > low if low_open else v >= low)
-    if high is not None:
-        ok = ok and (v < high if high_open else v <= high)
-    if not ok:
-        if low is not None and high is not None:
-            interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        elif low is not None:
-            interval = f"{'>' if low_open else '>='} {low:g}"
-        elif high is not None:
-            interval = f"{'<' if high_open else '<='} {high:g}"
-        else:
-            interval = "finite"
-        raise ValueError(f"`{name}` must be a finite number {interval}, got {value!r}.")
-    return v
-
-
-def resolve_dtype(dtype: Any) -> jnp.dtype:
-    """The history dtype :func:`make_balancer` will use (for method states built up front)."""
-    hist_dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
-    if not jnp.issubdtype(hist_dtype, jnp.floating) or jnp.finfo(hist_dtype).bits < 32:
-        raise ValueError(f"`dtype` must be float32 or float64, got {hist_dtype}.")
-    return hist_dtype
-
-
-def safe_ratio(num: jax.Array, den: jax.Array, eps: float) -> jax.Array:
-    """``num / (den + eps)``, defined everywhere.
-
-    Where ``den + eps == 0`` (only possible with ``eps = 0`` or negative
-    losses) the ratio is 1 if ``num == 0`` too (no change) and ``sign(num) * inf``
-    otherwise; :func:`~softadapt_jax.weights.stable_softmax` clips infinities to
-    the largest finite float, so the weights stay finite.
-    """
-    d = den + eps
-    zero = d == 0
-    inf_or_one = jnp.where(num == 0, jnp.ones_like(num), jnp.sign(num) * jnp.inf)
-    return jnp.where(zero, inf_or_one, num / jnp.where(zero, jnp.ones_like(d), d))
 
 
 def ratio_softadapt_balancer(
@@ -144,7 +76,7 @@ def ratio_softadapt_balancer(
         ``update_every``, ``accumulate``, ``setpoint`` or ``dtype``.
     """
     k = _checks.check_positive_int(num_losses, "num_losses")
-    eps = check_float(eps, "eps", low=0.0)
+    eps = _checks.check_float(eps, "eps", low=0.0)
 
     def rule(history: jax.Array, initial: jax.Array, method_state: Any) -> tuple[jax.Array, Any]:
         del initial

@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from softadapt_jax import _checks
-from softadapt_jax.balancers.base import Balancer, make_balancer
-from softadapt_jax.balancers.ratio import resolve_dtype
+from softadapt_jax.balancers.base import Balancer, make_balancer, resolve_dtype
 
 # form -> (a, b) of the total loss sum_k a * exp(-s_k) * L_k + b * s_k.
 UNCERTAINTY_FORMS: dict[str, tuple[float, float]] = {
