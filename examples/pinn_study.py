@@ -185,18 +185,25 @@ def save_plots(problem: Problem, results: list[MethodResult], out: Path, steps: 
 
     paths = []
     n = len(results)
-    fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 5.5), sharex=True, squeeze=False)
+    cols = min(5, n)
+    rows = -(-n // cols)
+    fig, grid = plt.subplots(2 * rows, cols, figsize=(3.4 * cols, 4.6 * rows), sharex=True, squeeze=False)
     t = np.arange(1, steps + 1)
     for j, r in enumerate(results):
+        loss_ax, weight_ax = grid[2 * (j // cols), j % cols], grid[2 * (j // cols) + 1, j % cols]
         for k, comp in enumerate(problem.component_names):
-            axes[0, j].semilogy(t, r.losses[0, :, k], lw=0.8, label=comp)
-            axes[1, j].plot(t, r.weights[0, :, k], lw=0.8, label=comp)
-        axes[0, j].set_title(f"{r.name}\nerr {np.mean(r.errors):.2e}", fontsize=8)
-        axes[1, j].set_xlabel("step", fontsize=8)
-        for ax in axes[:, j]:
+            loss_ax.semilogy(t, r.losses[0, :, k], lw=0.7, label=comp)
+            weight_ax.plot(t, r.weights[0, :, k], lw=0.7, label=comp)
+        loss_ax.set_title(f"{r.name}: err {np.mean(r.errors):.2e}", fontsize=8)
+        loss_ax.set_ylabel("losses (seed 0)", fontsize=7)
+        weight_ax.set_ylabel("weights", fontsize=7)
+        weight_ax.set_xlabel("step", fontsize=7)
+        for ax in (loss_ax, weight_ax):
             ax.tick_params(labelsize=6)
-    axes[0, 0].set_ylabel("loss components (seed 0)")
-    axes[1, 0].set_ylabel("weights")
+    for j in range(n, rows * cols):
+        grid[2 * (j // cols), j % cols].axis("off")
+        grid[2 * (j // cols) + 1, j % cols].axis("off")
+    axes = grid
     axes[0, 0].legend(fontsize=6)
     fig.suptitle(f"{problem.name}: losses and weights over training")
     fig.tight_layout()
