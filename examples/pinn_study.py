@@ -12,7 +12,7 @@ their seeds one after another with the same compiled step, because under
 ``vmap`` their ``lax.cond`` (per-component gradients only every n steps) would
 turn into a ``select`` that pays for the gradients at every step.
 
-Run (default: Burgers, every method, 2 seeds, 1000 steps; a few minutes on 2 CPU cores):
+Run (default: Burgers, every method, 2 seeds, 600 steps; about 4 minutes on 2 CPU cores):
 
     python examples/pinn_study.py
     python examples/pinn_study.py --problem helmholtz --steps 5000 --seeds 3
@@ -247,7 +247,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--problem", default="burgers", help=f"one of {', '.join(PROBLEM_NAMES)}, or 'all'")
     parser.add_argument("--methods", default="all", help="comma-separated method names, or 'all'")
-    parser.add_argument("--steps", type=int, default=1000, help="training steps per run (default 1000)")
+    parser.add_argument("--steps", type=int, default=600, help="training steps per run (default 600)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per method (default 2)")
     parser.add_argument("--seed0", type=int, default=0, help="first PRNG seed (default 0)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
