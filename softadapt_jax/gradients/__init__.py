@@ -1,0 +1,65 @@
+"""Gradient-level balancing: per-component gradients, their Gramian, PCGrad, MGDA, CAGrad, GradNorm.
+
+Unlike the loss-statistics balancers, these methods look at the K gradients
+themselves, so they need K backward passes (batched into one with ``vmap``)
+and K x P memory, or the Gramian-only route described in
+:mod:`softadapt_jax.gradients.per_component`.
+"""
+
+from softadapt_jax.gradients.combiners import (
+    CAGRAD_RESCALES,
+    PCGradState,
+    cagrad,
+    cagrad_weights,
+    mgda,
+    mgda_weights,
+    min_norm_2,
+    pcgrad,
+    pcgrad_weights,
+    project_simplex,
+    random_orders,
+)
+from softadapt_jax.gradients.gradnorm import (
+    GradNormState,
+    component_norms,
+    gradnorm,
+    gradnorm_step,
+    gradnorm_targets,
+    gradnorm_weights,
+    layer_grad_norms,
+    select_layer,
+)
+from softadapt_jax.gradients.per_component import (
+    GRAMIAN_METHODS,
+    gramian,
+    per_component_grads,
+    resolve_mask,
+    stacked_gramian,
+)
+
+__all__ = [
+    "CAGRAD_RESCALES",
+    "GRAMIAN_METHODS",
+    "GradNormState",
+    "PCGradState",
+    "cagrad",
+    "cagrad_weights",
+    "component_norms",
+    "gradnorm",
+    "gradnorm_step",
+    "gradnorm_targets",
+    "gradnorm_weights",
+    "gramian",
+    "layer_grad_norms",
+    "mgda",
+    "mgda_weights",
+    "min_norm_2",
+    "pcgrad",
+    "pcgrad_weights",
+    "per_component_grads",
+    "project_simplex",
+    "random_orders",
+    "resolve_mask",
+    "select_layer",
+    "stacked_gramian",
+]

@@ -1,0 +1,353 @@
+"""Per-component gradients, their Gramian, and the pytree helpers the gradient combiners share.
+
+Gradient-level methods (PCGrad, MGDA, CAGrad, GradNorm) need the gradient of
+every loss component separately. :func:`per_component_grads` computes them as
+K vector-Jacobian products of the loss vector, one per one-hot cotangent,
+batched with ``jax.vmap`` over ``jnp.eye(K)``: one forward pass, K backward
+passes run as one batched pass. Every leaf of the result has a leading axis of
+size K (the layout ``jax.jacrev`` gives), which is the ``updates`` layout the
+combiners in :mod:`softadapt_jax.gradients.combiners` expect.
+
+Memory (P = number of differentiated parameters, A = activations kept by the
+forward pass):
+
+* :func:`per_component_grads`: the output alone is K x P; the batched
+  backward pass also carries K cotangents through every layer, so the peak is
+  about A + K x (largest layer cotangent) + K x P.
+* :func:`gramian` with ``method="stacked"`` (default): the same peak as
+  :func:`per_component_grads`, because it builds the stacked gradients and
+  reduces them leaf by leaf (``G += g_leaf @ g_leaf.T``, never a flat K x P
+  matrix); only the ``[K, K]`` result survives.
+* :func:`gramian` with ``method="sequential"``: column j of ``G = J J^T`` is
+  ``J (J^T e_j)``, one transposed-linear (VJP) pass and one linear (JVP) pass
+  of the linearised function (``jax.linearize`` keeps the residuals once).
+  ``lax.map`` runs the K columns one after another, so the peak is about A + 2P
+  and never K x P, at the price of 2K sequential passes instead of one batched
+  one. Combined with a Gramian-only weight rule (``mgda_weights``,
+  ``cagrad_weights``, ``pcgrad_weights``) and one weighted VJP
+  (:func:`softadapt_jax.value_and_weighted_grad`), this gives MGDA, CAGrad or
+  PCGrad without ever holding K gradients.
+
+Masks follow optax: a pytree of Python bools with the structure of the
+parameters (or a prefix of it), or a callable returning one. ``True`` marks a
+shared parameter, whose per-component gradients are kept; ``False`` marks a
+task-specific one, whose gradients are summed over the components (the
+combiners give such leaves the plain sum anyway).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from softadapt_jax._checks import check_choice
+
+Mask = Any  # a pytree of bools (or a prefix of one), or a callable returning one
+
+GRAMIAN_METHODS = ("stacked", "sequential")
+
+
+def per_component_grads(
+    loss_components_fn: Callable[..., Any],
+    argnums: int = 0,
+    has_aux: bool = False,
+    *,
+    mask: Mask = None,
+    vmap_vjps: bool = True,
+) -> Callable[..., tuple[Any, Any]]:
+    """The gradient of every loss component, stacked on a leading axis K.
+
+    ``grads[k] = d L_k / d x`` for ``x = args[argnums]``, computed as
+    ``jax.vmap(vjp_fn)(jnp.eye(K))``: one forward pass and one batched backward
+    pass. Equal to ``jax.jacrev(loss_components_fn, argnums)`` up to rounding.
+
+    Args:
+      loss_components_fn: ``f(*args) -> losses [K]`` (or ``(losses, aux)``
+        with ``has_aux``).
+      argnums: which positional argument to differentiate (an int).
+      has_aux: whether ``f`` returns ``(losses, aux)``.
+      mask: optional optax-style mask over ``args[argnums]`` (module
+        docstring). Masked-out leaves come back summed over the components
+        with a leading axis of size 1 (``[1, ...]``), so every leaf keeps a
+        leading component axis and a combiner given the same ``mask`` sums
+        them to the plain sum. The mask saves memory downstream, not compute:
+        the batched backward pass still runs through those leaves.
+      vmap_vjps: batch the K VJPs with ``vmap`` (default). ``False`` runs them
+        as a Python loop over the static K: same result and peak memory of the
+        output, but for losses built from forward-mode derivatives (PINN
+        residuals) the loop can be several times faster, because batching a
+        JVP-of-VJP chain is expensive (measured in
+        :mod:`softadapt_jax.statistics`).
+
+    Returns:
+      ``g(*args) -> (losses, grads)``, or ``((losses, aux), grads)`` with
+      ``has_aux``; every leaf of ``grads`` has shape ``[K, *param.shape]``
+      (``[1, *param.shape]`` where masked out).
+
+    Raises:
+      ValueError: ``argnums`` out of range, ``f`` not returning a vector
+        ``[K]``, or a malformed ``mask``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from softadapt_jax.gradients import per_component_grads
+      >>> f = lambda p: jnp.stack([jnp.sum(p ** 2), jnp.sum(p)])
+      >>> losses, grads = per_component_grads(f)(jnp.ones(3))
+      >>> grads.shape
+      (2, 3)
+    """
+    _check_argnums(argnums)
+    if not isinstance(vmap_vjps, bool):
+        raise ValueError(f"`vmap_vjps` must be a bool, got {vmap_vjps!r}.")
+
+    def wrapped(*args: Any) -> tuple[Any, Any]:
+        x, f = _bind(loss_components_fn, args, argnums)
+        out = jax.vjp(f, x, has_aux=has_aux)
+        losses, vjp_fn = out[0], out[1]
+        k = _check_losses(losses)
+        eye = jnp.eye(k, dtype=losses.dtype)
+        if vmap_vjps:
+            (grads,) = jax.vmap(vjp_fn)(eye)
+        else:
+            rows = [vjp_fn(eye[i])[0] for i in range(k)]
+            grads = jax.tree.map(lambda *g: jnp.stack(g), *rows)
+        if mask is not None:
+            keep = resolve_mask(mask, x)
+            grads = jax.tree.map(lambda g, m: g if m else jnp.sum(g, axis=0, keepdims=True), grads, keep)
+        if has_aux:
+            return (losses, out[2]), grads
+        return losses, grads
+
+    return wrapped
+
+
+def gramian(
+    loss_components_fn: Callable[..., Any],
+    argnums: int = 0,
+    has_aux: bool = False,
+    *,
+    mask: Mask = None,
+    method: str = "stacked",
+) -> Callable[..., tuple[Any, jax.Array]]:
+    """The Gramian ``G_ij = <g_i, g_j>`` of the per-component gradients, without returning them.
+
+    Args:
+      loss_components_fn: ``f(*args) -> losses [K]`` (or ``(losses, aux)``).
+      argnums: which positional argument to differentiate.
+      has_aux: whether ``f`` returns ``(losses, aux)``.
+      mask: optional optax-style mask; only masked-in (shared) leaves
+        contribute to the inner products.
+      method: ``"stacked"`` (one batched backward pass, K x P memory
+        transiently) or ``"sequential"`` (2K sequential linear passes, no
+        K x P buffer); see the module docstring for the memory of each.
+
+    Returns:
+      ``g(*args) -> (losses, G)`` or ``((losses, aux), G)`` with ``has_aux``;
+      ``G`` is ``[K, K]``, symmetric positive semi-definite, in at least
+      float32.
+
+    Raises:
+      ValueError: bad ``method``, ``argnums`` or ``mask``; ``f`` not returning
+        a vector ``[K]``; a mask selecting no leaf.
+    """
+    check_choice(method, "method", GRAMIAN_METHODS)
+    _check_argnums(argnums)
+    if method == "stacked":
+        pcg = per_component_grads(loss_components_fn, argnums, has_aux)
+
+        def stacked(*args: Any) -> tuple[Any, jax.Array]:
+            values, grads = pcg(*args)
+            return values, stacked_gramian(grads, mask=mask, params=args[argnums])
+
+        return stacked
+
+    def sequential(*args: Any) -> tuple[Any, jax.Array]:
+        x, f = _bind(loss_components_fn, args, argnums)
+        keep = resolve_mask(mask, x) if mask is not None else jax.tree.map(lambda _: True, x)
+        leaves, treedef = jax.tree.flatten(x)
+        flags = treedef.flatten_up_to(keep)
+        if not any(flags):
+            raise ValueError("`mask` selects no parameter leaf: the Gramian would be empty.")
+        shared = [leaf for leaf, m in zip(leaves, flags, strict=True) if m]
+
+        def f_shared(shared_leaves: list[Any]) -> Any:
+            it = iter(shared_leaves)
+            merged = [next(it) if m else leaf for leaf, m in zip(leaves, flags, strict=True)]
+            return f(jax.tree.unflatten(treedef, merged))
+
+        out = jax.linearize(f_shared, shared, has_aux=has_aux)
+        losses, f_jvp = out[0], out[1]
+        k = _check_losses(losses)
+        f_vjp = jax.linear_transpose(f_jvp, shared)
+
+        def column(e: jax.Array) -> jax.Array:
+            (v,) = f_vjp(e)
+            return f_jvp(v)
+
+        g = jax.lax.map(column, jnp.eye(k, dtype=losses.dtype)).astype(_gram_dtype(losses.dtype))
+        g = 0.5 * (g + g.T)  # exact symmetry; the two passes round differently
+        if has_aux:
+            return (losses, out[2]), g
+        return losses, g
+
+    return sequential
+
+
+def stacked_gramian(grads: Any, *, mask: Mask = None, params: Any = None) -> jax.Array:
+    """``G_ij = <g_i, g_j>`` of stacked per-component gradients, leaf by leaf.
+
+    Args:
+      grads: a pytree whose leaves are ``[K, ...]``.
+      mask: optional optax-style mask; only masked-in leaves are used. A
+        callable mask is called on ``params`` if given, else on ``grads``.
+      params: optional, only to evaluate a callable mask.
+
+    Returns:
+      The ``[K, K]`` Gramian, in at least float32.
+
+    Raises:
+      ValueError: leaves disagree on K, or the mask selects no leaf.
+    """
+    shared, _, _ = split_stacked(grads, mask=mask, params=params)
+    return _gram_of_leaves(shared)
+
+
+def resolve_mask(mask: Mask, tree: Any) -> Any:
+    """Expands an optax-style mask to a pytree of Python bools with the structure of ``tree``.
+
+    Raises:
+      ValueError: the mask is not a prefix of ``tree``'s structure or holds
+        anything but bools.
+    """
+    m = mask(tree) if callable(mask) else mask
+    try:
+        full = jax.tree.map(lambda flag, sub: jax.tree.map(lambda _: flag, sub), m, tree)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"`mask` must be a pytree of bools with the structure of the parameters (or a prefix of it), "
+            f"or a callable returning one; got {m!r}: {err}"
+        ) from None
+    for flag in jax.tree.leaves(full):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise ValueError(
+                f"`mask` leaves must be Python bools (static, as in optax.masked); got {flag!r} "
+                f"of type {type(flag).__name__}."
+            )
+    return jax.tree.map(bool, full)
+
+
+def split_stacked(
+    updates: Any, *, mask: Mask = None, params: Any = None
+) -> tuple[list[jax.Array], Callable[[list[jax.Array]], Any], int]:
+    """Splits stacked updates into masked-in leaves and a function that rebuilds the tree.
+
+    Masked-out leaves are summed over their leading axis once, here.
+
+    Args:
+      updates: a pytree whose leaves are ``[K, ...]`` (masked-out leaves may
+        have any leading size, e.g. 1 from :func:`per_component_grads`).
+      mask: optional optax-style mask (``None``: every leaf is shared).
+      params: optional parameters; when given, masked-in leaves must be
+        ``[K, *param.shape]``, and a callable mask is called on them.
+
+    Returns:
+      ``(shared, rebuild, K)``: the masked-in ``[K, ...]`` leaves, a function
+      taking the combined masked-in leaves (without the K axis) and returning
+      the full update tree, and K.
+
+    Raises:
+      ValueError: a leaf without a leading axis, leaves disagreeing on K, a
+        masked-in leaf not matching its parameter, or a mask selecting nothing.
+    """
+    leaves, treedef = jax.tree.flatten(updates)
+    if not leaves:
+        raise ValueError("`updates` has no leaves to combine.")
+    if mask is None:
+        flags = [True] * len(leaves)
+    else:
+        ref = updates if params is None else params
+        flags = treedef.flatten_up_to(resolve_mask(mask, ref))
+    if not any(flags):
+        raise ValueError("`mask` selects no leaf: there is nothing to combine (use the plain sum instead).")
+    param_leaves = [None] * len(leaves) if params is None else treedef.flatten_up_to(params)
+    sizes = set()
+    for g, m, p in zip(leaves, flags, param_leaves, strict=True):
+        if jnp.ndim(g) == 0:
+            raise ValueError(
+                "gradient combiners expect per-component gradients stacked on a leading axis K; "
+                "got a scalar leaf."
+            )
+        if m:
+            sizes.add(g.shape[0])
+            if p is not None and tuple(g.shape[1:]) != tuple(jnp.shape(p)):
+                raise ValueError(
+                    f"a stacked gradient leaf of shape {tuple(g.shape)} does not match its parameter of "
+                    f"shape {tuple(jnp.shape(p))}: expected [K, *param.shape]."
+                )
+    if len(sizes) != 1:
+        raise ValueError(
+            "per-component gradient leaves disagree on the number of components K: "
+            f"leading axes {sorted(sizes)}."
+        )
+    (k,) = sizes
+    shared = [g for g, m in zip(leaves, flags, strict=True) if m]
+    summed = {i: jnp.sum(g, axis=0) for i, (g, m) in enumerate(zip(leaves, flags, strict=True)) if not m}
+
+    def rebuild(combined: list[jax.Array]) -> Any:
+        it = iter(combined)
+        out = [next(it) if m else summed[i] for i, m in enumerate(flags)]
+        return jax.tree.unflatten(treedef, out)
+
+    return shared, rebuild, k
+
+
+def combine_leaves(weights: jax.Array, leaves: list[jax.Array]) -> list[jax.Array]:
+    """``sum_k w_k g_k`` for each ``[K, ...]`` leaf, in the leaf's dtype."""
+    return [jnp.tensordot(weights.astype(g.dtype), g, axes=1) for g in leaves]
+
+
+# --- pure helpers -------------------------------------------------------------------------------------
+
+
+def _gram_dtype(dtype: Any) -> Any:
+    # Inner products of half-precision gradients lose every digit the solvers need.
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _gram_of_leaves(leaves: list[jax.Array]) -> jax.Array:
+    k = leaves[0].shape[0]
+    dtype = _gram_dtype(jnp.result_type(*leaves))
+    g = jnp.zeros((k, k), dtype)
+    for leaf in leaves:
+        flat = leaf.reshape(k, -1).astype(dtype)
+        # HIGHEST: on TPU the default matmul precision (bf16 passes) would spoil the solvers.
+        g = g + jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST)
+    return g
+
+
+def _check_argnums(argnums: Any) -> None:
+    if isinstance(argnums, bool) or not isinstance(argnums, (int, np.integer)) or argnums < 0:
+        raise ValueError(f"`argnums` must be a non-negative int, got {argnums!r}.")
+
+
+def _bind(fn: Callable[..., Any], args: tuple[Any, ...], argnums: int) -> tuple[Any, Callable[[Any], Any]]:
+    if argnums >= len(args):
+        raise ValueError(f"`argnums`={argnums} but only {len(args)} positional argument(s) given.")
+
+    def f(x: Any) -> Any:
+        return fn(*args[:argnums], x, *args[argnums + 1 :])
+
+    return args[argnums], f
+
+
+def _check_losses(losses: Any) -> int:
+    if jnp.ndim(losses) != 1 or jnp.shape(losses)[0] < 1:
+        raise ValueError(
+            f"loss_components_fn must return a loss vector of shape [K] with K >= 1; "
+            f"got shape {tuple(jnp.shape(losses))}."
+        )
+    return int(jnp.shape(losses)[0])
