@@ -159,6 +159,11 @@ def safe_ratio(num: jax.Array, den: jax.Array, eps: float) -> jax.Array:
     return jnp.where(zero, inf_or_one, num / jnp.where(zero, jnp.ones_like(d), d))
 
 
+def _select(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
+    """``lax.select`` over matching pytrees (the branchless form of ``lax.cond``)."""
+    return jax.tree.map(lambda a, b: jax.lax.select(pred, a, b), on_true, on_false)
+
+
 def make_balancer(
     rule: WeightRule,
     *,
@@ -251,7 +256,10 @@ def make_balancer(
         def hold(_: None) -> tuple[jax.Array, PyTree]:
             return state.weights, state.method_state
 
-        weights, method_state = jax.lax.cond(recompute, run_rule, hold, None)
+        # Rules are cheap (the expensive gradient statistics are computed by the
+        # caller), so both branches are evaluated and selected: a select fuses
+        # with its neighbours, where a conditional splits the compiled step.
+        weights, method_state = _select(recompute, run_rule(None), hold(None))
         accum_count = jnp.where(push, 0, accum_count)
         return BalancerState(
             history=history,
@@ -291,7 +299,8 @@ def make_balancer(
                 f"expects [window, K]=({window}, {k}); was the state made by another balancer?"
             )
         finite = jnp.all(jnp.isfinite(losses))
-        state = jax.lax.cond(finite, accept, reject, (losses, state, statistics))
+        operand = (jnp.where(finite, losses, 0), state, statistics)
+        state = _select(finite, accept(operand), reject(operand))
         return state.weights, state
 
     return Balancer(
