@@ -26,7 +26,7 @@ from softadapt_jax.problems.common import (
     Problem,
     init_mlp,
     mlp_apply,
-    relative_l2,
+    reference_error_fn,
     sample_boxes,
 )
 
@@ -240,10 +240,7 @@ def burgers_problem(
         points.setflags(write=False)
         return points, u_flat
 
-    @jax.jit
-    def relative_l2_error(params: Params) -> Array:
-        points, u_ref = reference()
-        return relative_l2(predict(params, jnp.asarray(points)), jnp.asarray(u_ref))
+    relative_l2_error = reference_error_fn(predict, reference)
 
     return Problem(
         name="burgers",

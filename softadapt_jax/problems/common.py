@@ -153,3 +153,24 @@ def relative_l2(prediction: Array, reference: Array) -> Array:
       Scalar.
     """
     return jnp.linalg.norm(prediction - reference) / jnp.linalg.norm(reference)
+
+
+def reference_error_fn(
+    predict: Callable[[Params, Array], Array], reference: Callable[[], tuple[np.ndarray, np.ndarray]]
+) -> Callable[[Params], Array]:
+    """A jitted ``params -> ||u - u_ref||_2 / ||u_ref||_2`` on the problem's reference grid.
+
+    Args:
+      predict: ``(params, points [M, d]) -> u [M]``.
+      reference: ``() -> (points [M, d], u_ref [M])``.
+
+    Returns:
+      The error function, a scalar per call.
+    """
+
+    @jax.jit
+    def relative_l2_error(params: Params) -> Array:
+        points, u_ref = reference()
+        return relative_l2(predict(params, jnp.asarray(points)), jnp.asarray(u_ref))
+
+    return relative_l2_error

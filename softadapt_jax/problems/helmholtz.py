@@ -27,7 +27,7 @@ from softadapt_jax.problems.common import (
     Problem,
     init_mlp,
     mlp_apply,
-    relative_l2,
+    reference_error_fn,
     sample_boxes,
 )
 
@@ -154,10 +154,7 @@ def helmholtz_problem(
             a.setflags(write=False)
         return points, u
 
-    @jax.jit
-    def relative_l2_error(params: Params) -> Array:
-        points, u_ref = reference()
-        return relative_l2(predict(params, jnp.asarray(points)), jnp.asarray(u_ref))
+    relative_l2_error = reference_error_fn(predict, reference)
 
     return Problem(
         name="helmholtz",
