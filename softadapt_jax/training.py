@@ -85,40 +85,19 @@ class BalancedTrainState(train_state.TrainState):
         return get_weights(self.opt_state)
 
 
-def _statistics_if_due(
-    opt_state: Any,
-    loss_components_fn: LossComponentsFn,
-    params: Any,
-    batch: Any,
-    residuals_fn: Callable[..., Any] | None,
-    axis_name: str | None,
-) -> jax.Array | None:
-    """The gradient statistic a balancer in ``opt_state`` needs, computed only when due."""
+def _statistic_request(opt_state: Any) -> tuple[str, dict[str, Any], jax.Array, jax.Array] | None:
+    """``(kind, options, due, zeros)`` for the one balancer in ``opt_state`` that needs a statistic.
+
+    ``None`` when no balancer (or more than one) asks for a gradient statistic.
+    """
     states = find_balancer_states(opt_state)
     kind = getattr(states[0].method_state, "statistic", None) if len(states) == 1 else None
     if kind is None:
         return None
     bstate = states[0]
-    shape = statistic_shape(kind, bstate.weights.shape[0])
-
     options = dict(getattr(bstate.method_state, "statistic_options", ()))
-
-    def compute(_: None) -> jax.Array:
-        stats = compute_statistic(
-            kind,
-            loss_components_fn,
-            params,
-            batch,
-            residuals_fn=residuals_fn,
-            axis_name=axis_name,
-            **options,
-        )
-        return stats.astype(bstate.weights.dtype)
-
-    def skip(_: None) -> jax.Array:
-        return jnp.zeros(shape, bstate.weights.dtype)
-
-    return jax.lax.cond(bstate.recompute_next, compute, skip, None)
+    zeros = jnp.zeros(statistic_shape(kind, bstate.weights.shape[0]), bstate.weights.dtype)
+    return kind, options, bstate.recompute_next, zeros
 
 
 def make_train_step(
@@ -143,8 +122,9 @@ def make_train_step(
         residual, as PINN collocation sets do.
 
     Balancers that need a gradient statistic (learning-rate annealing,
-    gradient-norm, NTK weighting) get it computed under ``lax.cond`` on the
-    steps that recompute their weights; other steps keep one backward pass.
+    gradient-norm, NTK weighting) get it computed only on the steps that
+    recompute their weights: the step is a ``lax.cond`` between the plain step
+    (one backward pass) and the plain step plus the statistic.
 
     Returns:
       A pure step function; ``metrics`` holds ``losses`` ``[K]``, ``weights``
@@ -156,22 +136,42 @@ def make_train_step(
         with K the balancer's number of losses.
     """
 
-    def step(state: BalancedTrainState, batch: Any) -> tuple[BalancedTrainState, Metrics]:
+    plain_fn = (lambda p, b: loss_components_fn(p, b)[0]) if has_aux else loss_components_fn
+
+    def balanced_step(
+        state: BalancedTrainState, batch: Any, statistics: jax.Array | None
+    ) -> tuple[BalancedTrainState, Metrics]:
         weights = get_weights(state.opt_state)
         grad_fn = value_and_weighted_grad(loss_components_fn, argnums=0, has_aux=has_aux)
         values, grads = grad_fn(weights, state.params, batch)
         total, losses = values[0], values[1]
         if axis_name is not None:
             total, losses, grads = jax.lax.pmean((total, losses, grads), axis_name)
-        plain_fn = (lambda p, b: loss_components_fn(p, b)[0]) if has_aux else loss_components_fn
-        statistics = _statistics_if_due(
-            state.opt_state, plain_fn, state.params, batch, residuals_fn, axis_name
-        )
         state = state.apply_gradients(grads=grads, losses=losses, statistics=statistics)
         metrics = {"losses": losses, "weights": weights, "total": total, "loss": jnp.sum(losses)}
         if has_aux:
             metrics["aux"] = values[2]
         return state, metrics
+
+    def step(state: BalancedTrainState, batch: Any) -> tuple[BalancedTrainState, Metrics]:
+        request = _statistic_request(state.opt_state)
+        if request is None:
+            return balanced_step(state, batch, None)
+        kind, options, due, zeros = request
+
+        def with_statistic(state: BalancedTrainState, batch: Any) -> tuple[BalancedTrainState, Metrics]:
+            stats = compute_statistic(
+                kind, plain_fn, state.params, batch, residuals_fn=residuals_fn, axis_name=axis_name, **options
+            )
+            return balanced_step(state, batch, stats.astype(zeros.dtype))
+
+        def without_statistic(state: BalancedTrainState, batch: Any) -> tuple[BalancedTrainState, Metrics]:
+            return balanced_step(state, batch, zeros)
+
+        # The whole step goes under the cond, not just the statistic: a cond beside the
+        # step's own work measured 20-40% slower on XLA:CPU than the same work alone,
+        # while a cond around everything leaves the plain branch as fast as a plain step.
+        return jax.lax.cond(due, with_statistic, without_statistic, state, batch)
 
     return step
 
