@@ -59,8 +59,10 @@ def main() -> None:
             times[name].append((time.perf_counter() - t0) / args.steps)
             layouts[name] = (fn, state, b)
     base = np.median(times["jit, 1 device"])
-    print(f"{n_dev} simulated CPU devices on {os.cpu_count()} cores; jax {jax.__version__}; "
-          f"{args.rounds} rounds x {args.steps} steps")
+    print(
+        f"{n_dev} simulated CPU devices on {os.cpu_count()} cores; jax {jax.__version__}; "
+        f"{args.rounds} rounds x {args.steps} steps"
+    )
     print("| layout | median step (µs) | ratio to jit, 1 device |")
     print("|---|--:|--:|")
     for name, ts in times.items():

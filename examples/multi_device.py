@@ -87,16 +87,21 @@ def main() -> None:
         sstate, sm = step(sstate, global_batch)
         losses, weights = np.asarray(pm["losses"][0]), np.asarray(pm["weights"][0])
         gap = float(np.max(np.abs(weights - np.asarray(sm["weights"]))))
-        print(f"{i:>4}  {np.array2string(losses, precision=4):<36} "
-              f"{np.array2string(weights, precision=4):<30} {gap:.1e}")
+        print(
+            f"{i:>4}  {np.array2string(losses, precision=4):<36} "
+            f"{np.array2string(weights, precision=4):<30} {gap:.1e}"
+        )
 
     replicas = jax.device_get(sj.find_balancer_states(pstate.opt_state)[0])
-    identical = all(np.array_equal(leaf[0], leaf[i]) for leaf in jax.tree.leaves(replicas)
-                    for i in range(n_dev))
+    identical = all(
+        np.array_equal(leaf[0], leaf[i]) for leaf in jax.tree.leaves(replicas) for i in range(n_dev)
+    )
     print(f"balancer state bitwise identical on all {n_dev} replicas: {identical}")
     final_p = training.unreplicate(pstate)
-    gap = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
-              zip(jax.tree.leaves(final_p.params), jax.tree.leaves(sstate.params), strict=True))
+    gap = max(
+        float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+        for a, b in zip(jax.tree.leaves(final_p.params), jax.tree.leaves(sstate.params), strict=True)
+    )
     print(f"max |params_pmap - params_sharded_jit| after {args.steps} steps: {gap:.2e}")
     if not identical or gap > 1e-4:
         raise SystemExit("pmap and sharded-jit runs disagree")

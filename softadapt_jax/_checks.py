@@ -30,8 +30,10 @@ def as_float_array(x: Any, name: str) -> jax.Array:
     except (TypeError, ValueError) as err:
         raise TypeError(f"`{name}` must be a numeric array, got {type(x).__name__}: {err}") from None
     dtype = arr.dtype
-    if dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.complexfloating) or not (
-        jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+    if (
+        dtype == jnp.bool_
+        or jnp.issubdtype(dtype, jnp.complexfloating)
+        or not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
     ):
         raise TypeError(
             f"`{name}` must hold real numbers (float or integer), got dtype {dtype} "

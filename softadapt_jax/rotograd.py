@@ -52,10 +52,22 @@ builds the whole gradient tree in one pure function: one backbone forward and
 VJP, one heads forward with K batched VJPs. Use :func:`rotograd_optimizer` to
 give the RotoGrad parameters their own optimizer (``optax.multi_transform``).
 
-On several devices use ``jax.jit`` with a ``NamedSharding`` on the batch (as
-:func:`softadapt_jax.training.make_sharded_train_step`): the batch-wide norms
-and means are then global reductions, inserted by XLA. Under ``pmap`` they
-would be per-device; no ``axis_name`` is offered for that.
+On several devices, either use ``jax.jit`` with a ``NamedSharding`` on the
+batch (as :func:`softadapt_jax.training.make_sharded_train_step`): the
+batch-wide norms and means are then global reductions, inserted by XLA; or
+``jax.pmap`` with an ``axis_name`` (:func:`make_rotograd_pmap_train_step`, or
+``axis_name=`` of :func:`make_rotograd_train_step` / :func:`rotograd_gradients`
+inside your own ``pmap``), with the state replicated and the batch split on
+axis 0 (:func:`softadapt_jax.training.replicate` and
+:func:`~softadapt_jax.training.shard_batch`). Every batch-wide quantity is then
+reduced over the D devices explicitly: the losses are ``pmean``-ed, ``G_k``
+becomes the local rows of the gradient of the global mean loss (the local
+``dL_k/dz`` divided by D), ``||G_k||`` and the norm of RotoGradNorm's weighted
+mean gradient are square roots of ``psum``-ed sums of squares, and the network
+and rotation gradients are ``psum``-ed. This equals one device on the whole
+batch (to float rounding), and every replica holds the same state, provided
+every device has the same number of samples and ``loss_fn`` returns means over
+its local batch.
 """
 
 from __future__ import annotations
@@ -251,25 +263,53 @@ def create_rotograd_train_state(
 
 
 def make_rotograd_train_step(
-    model: RotoGrad, loss_fn: LossFn
+    model: RotoGrad, loss_fn: LossFn, *, axis_name: str | None = None
 ) -> Callable[[RotoGradTrainState, Any, Any], tuple[RotoGradTrainState, Metrics]]:
-    """Builds ``step(state, x, targets) -> (state, metrics)`` (wrap it in ``jax.jit``).
+    """Builds ``step(state, x, targets) -> (state, metrics)`` (wrap it in ``jax.jit`` or ``jax.pmap``).
 
     Args:
       model: a :class:`RotoGrad`, :class:`RotateOnly` or :class:`RotoGradNorm`.
       loss_fn: ``loss_fn(predictions, targets) -> losses [K]``, with
         ``predictions`` the list of K head outputs; each loss a mean over the
         batch (``G_k`` then has one row per sample).
+      axis_name: the ``pmap`` axis the batch is split over, or ``None`` (one
+        device, or ``jit`` with sharded inputs); see :func:`rotograd_gradients`.
 
     Returns:
       A pure step function; ``metrics`` as in :func:`rotograd_gradients`.
     """
 
     def step(state: RotoGradTrainState, x: Any, targets: Any) -> tuple[RotoGradTrainState, Metrics]:
-        grads, stats, metrics = rotograd_gradients(model, state.params, state.stats, x, targets, loss_fn)
+        grads, stats, metrics = rotograd_gradients(
+            model, state.params, state.stats, x, targets, loss_fn, axis_name=axis_name
+        )
         return state.apply_gradients(grads=grads, stats=stats), metrics
 
     return step
+
+
+def make_rotograd_pmap_train_step(
+    model: RotoGrad, loss_fn: LossFn, *, axis_name: str = "devices"
+) -> Callable[[RotoGradTrainState, Any, Any], tuple[RotoGradTrainState, Metrics]]:
+    """The RotoGrad train step under ``jax.pmap``: replicated state, batch split on axis 0.
+
+    Every device must hold the same number of samples, and ``loss_fn`` must
+    return means over the local batch: the global quantities are then exact
+    reductions over devices (see :func:`rotograd_gradients`), and every replica
+    holds the same state.
+
+    Args:
+      model, loss_fn: as in :func:`make_rotograd_train_step`.
+      axis_name: name of the mapped axis.
+
+    Returns:
+      ``pstep(replicated_state, x, targets) -> (replicated_state, metrics)``,
+      with ``x`` and ``targets`` of shape ``[local_devices, per_device, ...]``
+      (see :func:`softadapt_jax.training.replicate` and
+      :func:`softadapt_jax.training.shard_batch`); ``metrics`` are the same on
+      every replica.
+    """
+    return jax.pmap(make_rotograd_train_step(model, loss_fn, axis_name=axis_name), axis_name=axis_name)
 
 
 def _validate(m: RotoGrad) -> None:
@@ -381,7 +421,14 @@ def norm_weights(logits: jax.Array) -> jax.Array:
 
 
 def rotograd_gradients(
-    model: RotoGrad, params: Any, stats: RotoGradStats, x: Any, targets: Any, loss_fn: LossFn
+    model: RotoGrad,
+    params: Any,
+    stats: RotoGradStats,
+    x: Any,
+    targets: Any,
+    loss_fn: LossFn,
+    *,
+    axis_name: str | None = None,
 ) -> tuple[Any, RotoGradStats, Metrics]:
     """The full RotoGrad gradient tree for one batch (see the module docstring).
 
@@ -391,14 +438,23 @@ def rotograd_gradients(
       stats: the current :class:`RotoGradStats`.
       x: the backbone input.
       targets: anything ``loss_fn`` needs besides the predictions.
-      loss_fn: ``(predictions, targets) -> losses [K]``.
+      loss_fn: ``(predictions, targets) -> losses [K]``, means over the batch.
+      axis_name: inside ``jax.pmap``, the axis the batch is split over: the
+        losses, the norms ``||G_k||`` and the gradients are then reduced over
+        the D devices so that the result is that of one device on the whole
+        batch. This assumes every device holds the same number of samples and
+        ``loss_fn`` returns means over its local batch (the global mean loss is
+        then the ``pmean`` of the local ones). ``None``: no reduction (one
+        device, or ``jax.jit`` with sharded inputs, where XLA makes the
+        batch-wide reductions global).
 
     Returns:
       ``(grads, stats, metrics)``: ``grads`` with the structure of
       ``params``; updated ``stats``; ``metrics`` with ``losses``,
       ``normalized_losses``, ``grad_norms`` (``||G_k||``), ``task_weights``
       (the coefficients c with backbone gradient ``sum_k c_k G_k``) and
-      ``alignment`` (``<U_k, V>`` on the rotated block, at most 1).
+      ``alignment`` (``<U_k, V>`` on the rotated block, at most 1). With
+      ``axis_name``, all of them are global and the same on every device.
 
     Raises:
       ValueError: ``loss_fn`` does not return ``[K]`` or ``params`` lacks the
@@ -412,6 +468,10 @@ def rotograd_gradients(
 
     def with_rot(mp: Any) -> dict[str, Any]:
         return {**mp, ROTOGRAD_KEY: rot_params}
+
+    def psum(tree: Any) -> Any:
+        # Sums over the samples (and the gradients, which are such sums) become sums over all devices.
+        return tree if axis_name is None else jax.lax.psum(tree, axis_name)
 
     # Backbone: one forward, its VJP applied once to the combined gradient on z.
     z, encode_vjp = jax.vjp(
@@ -427,17 +487,24 @@ def rotograd_gradients(
         raise ValueError(
             f"`loss_fn` must return the K={k} task losses as shape ({k},); got {jnp.shape(losses)}."
         )
+    if axis_name is not None:
+        # Equal local batches: the global mean loss is the mean of the local means.
+        losses = jax.lax.pmean(losses, axis_name)
 
     reset = (stats.step == 0) | (stats.step == model.burn_in_period)
     plain = jax.lax.stop_gradient(losses).astype(jnp.float32)
     initial_losses = jnp.where(reset, plain, stats.initial_losses)
     normalized = plain / _nonzero(initial_losses)
     cot = 1.0 / _nonzero(initial_losses) if model.normalize_losses else jnp.ones((k,), jnp.float32)
+    if axis_name is not None:
+        # d(global mean)/d(local mean) = 1/D: the VJPs then give the local rows of the global G_k and
+        # this device's share of the head gradients, whose psum is the global one.
+        cot = cot / jax.lax.psum(1, axis_name)
     # K batched VJPs of the heads: per-task head gradients and G_k = dL_k/dz.
     head_grads, zgrads = jax.vmap(heads_vjp)(jnp.diag(cot).astype(losses.dtype))
     head_grads = jax.tree.map(lambda g: jnp.sum(g, axis=0), head_grads)
     zgrads32 = zgrads.astype(jnp.float32)
-    norms = jnp.maximum(jnp.sqrt(jnp.sum(zgrads32.reshape(k, -1) ** 2, axis=1)), 1e-15)
+    norms = jnp.maximum(jnp.sqrt(psum(jnp.sum(zgrads32.reshape(k, -1) ** 2, axis=1))), 1e-15)
     initial_grad_norms = jnp.where(reset, norms, stats.initial_grad_norms)
 
     current_w = jax.lax.stop_gradient(model.apply({"params": params}, method="task_weights"))
@@ -451,29 +518,34 @@ def rotograd_gradients(
         coeffs = current_w
     dz = jnp.tensordot(coeffs, zgrads32, axes=1).astype(z.dtype)
     (backbone_grads,) = encode_vjp(dz)
-    model_grads = jax.tree.map(jnp.add, backbone_grads, head_grads)
+    model_grads = psum(jax.tree.map(jnp.add, backbone_grads, head_grads))
 
     # Rotation (and RotoGradNorm weight) gradients, from their own objective.
     expand = (slice(None),) + (None,) * (zgrads32.ndim - 1)
     direction = jnp.mean(zgrads32 / norms[expand], axis=0)[..., :m]  # v, on the rotated block
     rotated = jax.vmap(rotate)(zgrads32, rotations)[..., :m]  # gt_k = dL_k/dr_k
-    gradnorm_target = None
-    if model.variant == "rotogradnorm":
-        mean_grad = jnp.tensordot(current_w, zgrads32, axes=1) / k
-        ratio = normalized / _nonzero(jnp.mean(normalized))
-        gradnorm_target = jnp.sqrt(jnp.sum(mean_grad**2)) * jnp.maximum(ratio, 0.0) ** model.alpha
 
-    def objective(rp: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    def alignment_loss(rp: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        # A sum over this device's samples: its value and gradient are psum-ed below. (A psum inside
+        # the differentiated function would not do: under pmap its transpose is a psum too, giving D x.)
         r = rotation_matrices(rp["rotations"], model.parametrization)
         back = jnp.einsum("kij,k...i->k...j", r, rotated)  # R_k^T gt_k
         align = jnp.sum((back * direction[None]).reshape(k, -1), axis=1) / norms
-        loss = -jnp.sum(align)
-        if gradnorm_target is not None:
-            w = norm_weights(rp["weight_logits"])
-            loss = loss + jnp.sum(jnp.abs(norms * w - gradnorm_target))
-        return loss, align
+        return -jnp.sum(align), align
 
-    (_, align), rot_grads = jax.value_and_grad(objective, has_aux=True)(rot_params)
+    (_, align), rot_grads = jax.value_and_grad(alignment_loss, has_aux=True)(rot_params)
+    align, rot_grads = psum((align, rot_grads))
+    if model.variant == "rotogradnorm":
+        # Only global quantities enter the GradNorm term: it is computed, and differentiated, once
+        # per device without a psum (which would count it D times).
+        mean_grad = jnp.tensordot(current_w, zgrads32, axes=1) / k
+        ratio = normalized / _nonzero(jnp.mean(normalized))
+        gradnorm_target = jnp.sqrt(psum(jnp.sum(mean_grad**2))) * jnp.maximum(ratio, 0.0) ** model.alpha
+
+        def gradnorm_loss(rp: dict[str, jax.Array]) -> jax.Array:
+            return jnp.sum(jnp.abs(norms * norm_weights(rp["weight_logits"]) - gradnorm_target))
+
+        rot_grads = jax.tree.map(jnp.add, rot_grads, jax.grad(gradnorm_loss)(rot_params))
 
     grads = {**model_grads, ROTOGRAD_KEY: rot_grads}
     grads = FrozenDict(grads) if isinstance(params, FrozenDict) else grads

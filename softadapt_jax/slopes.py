@@ -128,9 +128,7 @@ def _scaled(history: jax.Array, scale: str, reference: Any) -> jax.Array:
     else:
         ref = _checks.as_float_array(reference, "reference").astype(history.dtype)
         if ref.shape != history.shape[1:]:
-            raise ValueError(
-                f"`reference` must have shape [K]={history.shape[1:]}, got {tuple(ref.shape)}."
-            )
+            raise ValueError(f"`reference` must have shape [K]={history.shape[1:]}, got {tuple(ref.shape)}.")
     ref = jax.lax.stop_gradient(ref)
     # A zero reference would divide by zero; such a component keeps raw units.
     safe = jnp.where(ref == 0, 1, ref)

@@ -30,6 +30,7 @@ from softadapt_jax.gradients import (
     layer_grad_norms,
     mgda,
     mgda_weights,
+    normalize_gramian,
     pcgrad,
     pcgrad_weights,
     per_component_grads,
@@ -206,6 +207,49 @@ def test_mgda_weights_minimise_the_norm(k: int) -> None:
 def test_mgda_conflicting_pair_gives_zero_update() -> None:
     g = jnp.array([[1.0, -1.0], [-1.0, 1.0]]) * 4.0
     np.testing.assert_allclose(MGDA(jnp.tile(g, (N, 1, 1)))[0], [0.5, 0.5])
+
+
+# The example Jacobian of torchjd's MGDA docstring, whose normalisations follow Sener & Koltun's
+# gradient_normalizers; the expected updates are computed by hand below.
+J2 = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+J2_LOSSES = jnp.array([0.5, 2.0])
+
+
+def _two_point_update(n: np.ndarray) -> np.ndarray:
+    """The MGDA update for J2 with normalisers n, by the closed form of the 2-point min-norm problem."""
+    u, v = np.asarray(J2[0]) / n[0], np.asarray(J2[1]) / n[1]
+    t = np.clip((v @ v - u @ v) / ((u - v) @ (u - v)), 0.0, 1.0)
+    return t * np.asarray(J2[0]) + (1 - t) * np.asarray(J2[1])  # weights applied to the raw gradients
+
+
+@pytest.mark.parametrize("normalization", ["none", "l2", "loss", "loss+"])
+def test_mgda_normalization_by_hand(normalization: str) -> None:
+    norms = np.linalg.norm(np.asarray(J2), axis=1)
+    losses = np.asarray(J2_LOSSES)
+    n = {"none": np.ones(2), "l2": norms, "loss": losses, "loss+": losses * norms}[normalization]
+    tx = mgda(normalization=normalization)
+    upd, _ = jax.jit(tx.update)({"p": J2}, tx.init(None), losses=J2_LOSSES)
+    np.testing.assert_allclose(upd["p"], _two_point_update(n), rtol=1e-5, atol=1e-5)
+    # The published values of torchjd's docstring for the same Jacobian and losses.
+    published = {"none": [0, 1, 1], "l2": [1, 1, 1], "loss": [3.49, 1, 1], "loss+": [4.1606, 1, 1]}
+    np.testing.assert_allclose(upd["p"], published[normalization], atol=5e-4)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_mgda_l2_normalization_ignores_gradient_scales(k: int) -> None:
+    # With "l2" the weights depend on the directions only: rescaling each component leaves them.
+    j = RNG.normal(size=(N, k, 6))
+    scales = np.exp(RNG.uniform(-4, 4, size=(N, k, 1)))
+    gram = jnp.asarray(j @ np.swapaxes(j, 1, 2), jnp.float32)
+    scaled = jnp.asarray((scales * j) @ np.swapaxes(scales * j, 1, 2), jnp.float32)
+    norm = jax.vmap(lambda g: normalize_gramian(g, "l2"))
+    np.testing.assert_allclose(MGDA(norm(scaled)), MGDA(norm(gram)), atol=2e-4)
+    # "loss" divides by the losses: scaling a loss and its gradient together cancels out.
+    losses = jnp.asarray(RNG.uniform(0.5, 2.0, size=(N, k)), jnp.float32)
+    by_loss = jax.vmap(lambda g, lo: normalize_gramian(g, "loss", lo))
+    np.testing.assert_allclose(
+        MGDA(by_loss(scaled, losses * scales[..., 0])), MGDA(by_loss(gram, losses)), atol=2e-4
+    )
 
 
 def test_pcgrad_two_components_nonnegative_inner_products() -> None:
@@ -442,13 +486,19 @@ def test_combiner_in_a_chain_trains() -> None:
     assert np.all(np.asarray(loss_components(params)) < np.asarray(start))
 
 
-@pytest.mark.parametrize("name", ["pcgrad", "gradnorm"])
+@pytest.mark.parametrize("name", ["pcgrad", "gradnorm", "mgda_loss+"])
 def test_pmap_matches_single_device(name: str, grads: dict) -> None:
     """Per-device per-component gradients are averaged (pmean) before combining: the global update."""
     n = jax.local_device_count()
     assert X.shape[0] % n == 0
     if name == "gradnorm":
         make = lambda **kw: gradnorm(num_losses=K, layer="trunk/w", **kw)  # noqa: E731
+        single = make()
+        ref, ref_state = jax.jit(single.update)(
+            grads, single.init(PARAMS), PARAMS, losses=loss_components(PARAMS)
+        )
+    elif name == "mgda_loss+":
+        make = lambda **kw: mgda(normalization="loss+", mask=SHARED, **kw)  # noqa: E731
         single = make()
         ref, ref_state = jax.jit(single.update)(
             grads, single.init(PARAMS), PARAMS, losses=loss_components(PARAMS)
@@ -460,7 +510,8 @@ def test_pmap_matches_single_device(name: str, grads: dict) -> None:
 
     def step(params, state, x, y):
         losses, g = per_component_grads(loss_components)(params, x, y)
-        losses = jax.lax.pmean(losses, "d")  # the transform averages the gradients itself
+        if name == "gradnorm":  # gradnorm averages them too; this checks pmean of a pmean is harmless
+            losses = jax.lax.pmean(losses, "d")
         return ptx.update(g, state, params, losses=losses)
 
     rep = training.replicate((PARAMS, ptx.init(PARAMS)))
@@ -469,7 +520,7 @@ def test_pmap_matches_single_device(name: str, grads: dict) -> None:
         chex.assert_trees_all_close(jax.tree.map(lambda u, i=i: u[i], upd), ref, rtol=2e-4, atol=1e-6)
     if name == "gradnorm":
         np.testing.assert_allclose(pstate.weights[0], ref_state.weights, rtol=1e-5)
-    else:
+    elif name == "pcgrad":
         np.testing.assert_array_equal(pstate.key[0], ref_state.key)
 
 
@@ -567,6 +618,15 @@ def test_value_errors_combiners() -> None:
         mgda(max_iters=0)
     with pytest.raises(ValueError, match="tol"):
         mgda(tol=-1.0)
+    with pytest.raises(ValueError, match="normalization"):
+        mgda(normalization="L2")
+    with pytest.raises(ValueError, match="needs `losses`"):
+        normalize_gramian(jnp.eye(2), "loss+")
+    by_loss = mgda(normalization="loss")
+    with pytest.raises(ValueError, match=r"needs the current component losses.*shape \(2,\)"):
+        by_loss.update({"a": jnp.ones((2, 3))}, by_loss.init(None))
+    with pytest.raises(ValueError, match=r"`losses` must have shape \(2,\).*got \(3,\)"):
+        by_loss.update({"a": jnp.ones((2, 3))}, by_loss.init(None), losses=jnp.ones(3))
     with pytest.raises(ValueError, match="`c`"):
         cagrad(-0.1)
     with pytest.raises(ValueError, match="`c`"):

@@ -20,6 +20,7 @@ from softadapt_jax.rotograd import (
     create_rotograd_train_state,
     expm,
     init_rotograd_stats,
+    make_rotograd_pmap_train_step,
     make_rotograd_train_step,
     rotate,
     rotate_back,
@@ -374,3 +375,46 @@ def test_sharded_jit_over_four_devices_matches_one_device(name: str) -> None:
         sharded, m4 = sharded_step(sharded, x, y)
     chex.assert_trees_all_close(jax.device_get(sharded.params), single.params, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(jax.device_get(m4), m1, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "normalize_losses"), [("rotate_only", False), ("rotograd", True), ("norm", True)]
+)
+def test_pmap_over_four_devices_matches_one_device(name: str, normalize_losses: bool) -> None:
+    # pmap with axis_name: the losses, norms and gradients are reduced over devices explicitly, so
+    # 4 devices with a quarter of the batch each equal one device on the whole batch. Four steps with
+    # burn_in_period=2 cover both recordings of L(t0) and ||G^0||.
+    from softadapt_jax.training import replicate, shard_batch, unreplicate
+
+    model, params = MODELS[name]
+    model = model.clone(burn_in_period=2, normalize_losses=normalize_losses)
+    # SGD for both parts: Adam would hide a gradient counted D times (it is invariant to scale).
+    tx = rotograd_optimizer(optax.sgd(1e-2), optax.sgd(0.5))
+    single = create_rotograd_train_state(model, params, tx)
+    single_step = jax.jit(make_rotograd_train_step(model, loss_fn))
+    for _ in range(4):
+        single, m1 = single_step(single, X, Y)
+
+    assert jax.local_device_count() == 4
+    pstep = make_rotograd_pmap_train_step(model, loss_fn, axis_name="batch")
+    replicated = replicate(create_rotograd_train_state(model, params, tx))
+    x, y = shard_batch(X), shard_batch(Y)
+    chex.assert_shape(x, (4, B // 4, 3))
+    for _ in range(4):
+        replicated, m4 = pstep(replicated, x, y)
+    assert int(unreplicate(replicated.stats.step)) == 4
+
+    # Every replica holds bitwise the same state and metrics (all its inputs are global reductions).
+    for tree in (replicated.params, replicated.stats, replicated.opt_state, m4):
+        for leaf in jax.tree.leaves(jax.device_get(tree)):
+            for i in range(1, 4):
+                np.testing.assert_array_equal(leaf[i], leaf[0])
+    tol = {"rtol": 1e-5, "atol": 1e-6}
+    chex.assert_trees_all_close(jax.device_get(unreplicate(replicated.params)), single.params, **tol)
+    chex.assert_trees_all_close(
+        tuple(jax.device_get(unreplicate(replicated.stats))), tuple(single.stats), **tol
+    )
+    chex.assert_trees_all_close(jax.device_get(unreplicate(m4)), m1, **tol)
+    # The rotations did move, so the comparison covers their (psum-ed) gradient.
+    moved = single.params["rotograd"]["rotations"] - params["rotograd"]["rotations"]
+    assert float(jnp.max(jnp.abs(moved))) > 1e-3

@@ -8,12 +8,14 @@ and K x P memory, or the Gramian-only route described in
 
 from softadapt_jax.gradients.combiners import (
     CAGRAD_RESCALES,
+    MGDA_NORMALIZATIONS,
     PCGradState,
     cagrad,
     cagrad_weights,
     mgda,
     mgda_weights,
     min_norm_2,
+    normalize_gramian,
     pcgrad,
     pcgrad_weights,
     project_simplex,
@@ -40,6 +42,7 @@ from softadapt_jax.gradients.per_component import (
 __all__ = [
     "CAGRAD_RESCALES",
     "GRAMIAN_METHODS",
+    "MGDA_NORMALIZATIONS",
     "GradNormState",
     "PCGradState",
     "cagrad",
@@ -54,6 +57,7 @@ __all__ = [
     "mgda",
     "mgda_weights",
     "min_norm_2",
+    "normalize_gramian",
     "pcgrad",
     "pcgrad_weights",
     "per_component_grads",

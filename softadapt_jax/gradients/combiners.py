@@ -41,6 +41,7 @@ from softadapt_jax.gradients.per_component import Mask, combine_leaves, split_st
 from softadapt_jax.gradients.per_component import _gram_of_leaves as gram_of_leaves
 
 CAGRAD_RESCALES = ("1+c^2", "1+c", "none")
+MGDA_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
 
 class PCGradState(NamedTuple):
@@ -95,7 +96,7 @@ def pcgrad(
         del params
         return PCGradState(key=jax.random.PRNGKey(int(seed)))
 
-    def weights_fn(gram: jax.Array, state: PCGradState) -> tuple[jax.Array, PCGradState]:
+    def weights_fn(gram: jax.Array, state: PCGradState, _: None) -> tuple[jax.Array, PCGradState]:
         k = gram.shape[0]
         if random_order:
             key, sub = jax.random.split(state.key)
@@ -110,6 +111,7 @@ def pcgrad(
 
 def mgda(
     *,
+    normalization: str = "none",
     max_iters: int = 250,
     tol: float = 1e-6,
     mask: Mask = None,
@@ -126,7 +128,20 @@ def mgda(
     K >= 3. Note ``d`` is a convex combination (weights sum to 1), about K
     times smaller than the plain sum.
 
+    Gradient normalisation (the authors' ``gradient_normalizers``): the
+    weights are solved for the normalised gradients ``g_k / n_k`` and then
+    applied to the raw ones, ``d = sum_k w_k g_k``, as their training script
+    does (it back-propagates ``sum_k w_k L_k``). ``n_k`` is 1 (``"none"``),
+    ``||g_k||`` (``"l2"``: every component counts alike, whatever its
+    scale), ``L_k`` (``"loss"``) or ``L_k ||g_k||`` (``"loss+"``, the
+    setting of the authors' published configurations). The loss-based
+    forms need the current losses, ``update(..., losses=losses)``, and
+    assume positive losses; norms and losses are floored at 1e-20 as in
+    torchjd. Only the update's direction is scale-free under ``"l2"``:
+    ``d`` itself still scales with the gradients.
+
     Args:
+      normalization: ``"none"`` (default), ``"l2"``, ``"loss"`` or ``"loss+"``.
       max_iters: iteration cap of the Frank-Wolfe solver (static, for jit).
       tol: stop early once the Frank-Wolfe duality gap of the scaled problem
         is below ``tol``.
@@ -134,15 +149,31 @@ def mgda(
       axis_name: pmap axis to average the gradients over before combining.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` (extra arguments ignored).
+      An ``optax.GradientTransformationExtraArgs``; ``losses`` (``[K]``) is
+      read by the loss-based normalisations, other extra arguments ignored.
+
+    Raises:
+      ValueError: at construction, a bad option; at ``update`` (trace time),
+        a loss-based normalisation without ``losses`` of shape ``[K]``.
+
+    Example:
+      >>> import optax
+      >>> from softadapt_jax.gradients import mgda
+      >>> tx = optax.chain(mgda(normalization="loss+"), optax.adam(1e-3))
+      >>> # updates, state = tx.update(stacked_grads, state, params, losses=losses)
     """
+    check_choice(normalization, "normalization", MGDA_NORMALIZATIONS)
     check_positive_int(max_iters, "max_iters")
     tol = _check_nonneg_float(tol, "tol")
 
-    def weights_fn(gram: jax.Array, state: Any) -> tuple[jax.Array, Any]:
-        return mgda_weights(gram, max_iters=max_iters, tol=tol), state
+    def weights_fn(gram: jax.Array, state: Any, losses: jax.Array | None) -> tuple[jax.Array, Any]:
+        normalized = normalize_gramian(gram, normalization, losses)
+        return mgda_weights(normalized, max_iters=max_iters, tol=tol), state
 
-    return _gramian_transform(lambda _: optax.EmptyState(), weights_fn, mask, axis_name)
+    needs_losses = normalization in ("loss", "loss+")
+    return _gramian_transform(
+        lambda _: optax.EmptyState(), weights_fn, mask, axis_name, needs_losses=needs_losses
+    )
 
 
 def cagrad(
@@ -195,7 +226,7 @@ def cagrad(
     check_positive_int(max_iters, "max_iters")
     tol = _check_nonneg_float(tol, "tol")
 
-    def weights_fn(gram: jax.Array, state: Any) -> tuple[jax.Array, Any]:
+    def weights_fn(gram: jax.Array, state: Any, _: None) -> tuple[jax.Array, Any]:
         return cagrad_weights(gram, c, rescale=rescale, max_iters=max_iters, tol=tol), state
 
     return _gramian_transform(lambda _: optax.EmptyState(), weights_fn, mask, axis_name)
@@ -203,21 +234,40 @@ def cagrad(
 
 def _gramian_transform(
     init_fn: Callable[[Any], Any],
-    weights_fn: Callable[[jax.Array, Any], tuple[jax.Array, Any]],
+    weights_fn: Callable[[jax.Array, Any, jax.Array | None], tuple[jax.Array, Any]],
     mask: Mask,
     axis_name: Hashable | None,
+    *,
+    needs_losses: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     # Shared by the three combiners: average over devices, split off task-specific leaves,
     # Gramian of the shared ones, coefficients, linear combination.
-    def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
+    def update_fn(
+        updates: Any, state: Any, params: Any = None, *, losses: Any = None, **extra_args: Any
+    ) -> tuple[Any, Any]:
         del extra_args
         if axis_name is not None:
             updates = jax.lax.pmean(updates, axis_name)
-        shared, rebuild, _ = split_stacked(updates, mask=mask, params=params)
-        weights, state = weights_fn(gram_of_leaves(shared), state)
+        shared, rebuild, k = split_stacked(updates, mask=mask, params=params)
+        losses = _check_losses(losses, k) if needs_losses else None
+        if losses is not None and axis_name is not None:
+            losses = jax.lax.pmean(losses, axis_name)
+        weights, state = weights_fn(gram_of_leaves(shared), state, losses)
         return rebuild(combine_leaves(weights, shared)), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_losses(losses: Any, k: int) -> jax.Array:
+    if losses is None:
+        raise ValueError(
+            "this normalisation needs the current component losses: call "
+            f"`update(updates, state, params, losses=losses)` with `losses` of shape ({k},)."
+        )
+    losses = jnp.asarray(losses)
+    if losses.shape != (k,):
+        raise ValueError(f"`losses` must have shape ({k},) (one per component); got {tuple(losses.shape)}.")
+    return jax.lax.stop_gradient(losses)
 
 
 def _check_bool(value: Any, name: str) -> None:
@@ -283,6 +333,30 @@ def min_norm_2(g11: jax.Array, g12: jax.Array, g22: jax.Array) -> jax.Array:
     den = g11 - 2.0 * g12 + g22
     t = jnp.where(den > 0, (g22 - g12) / jnp.where(den > 0, den, 1.0), 0.5)
     return jnp.clip(t, 0.0, 1.0)
+
+
+def normalize_gramian(gram: jax.Array, normalization: str, losses: jax.Array | None = None) -> jax.Array:
+    """The Gramian of the normalised gradients ``g_k / n_k``: ``G_ij / (n_i n_j)``.
+
+    Args:
+      gram: ``[K, K]`` Gramian.
+      normalization: ``"none"``, ``"l2"`` (``n_k = ||g_k||``), ``"loss"``
+        (``n_k = L_k``) or ``"loss+"`` (``n_k = L_k ||g_k||``); see :func:`mgda`.
+      losses: ``[K]`` component losses, for the loss-based forms.
+
+    Returns:
+      The ``[K, K]`` normalised Gramian (``gram`` itself for ``"none"``).
+    """
+    check_choice(normalization, "normalization", MGDA_NORMALIZATIONS)
+    if normalization == "none":
+        return gram
+    if normalization != "l2" and losses is None:
+        raise ValueError(f"normalization={normalization!r} needs `losses`.")
+    floor = jnp.asarray(1e-20, gram.dtype)
+    norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), floor))
+    by_loss = jnp.maximum(jnp.asarray(losses, gram.dtype), floor) if losses is not None else None
+    n = {"l2": lambda: norms, "loss": lambda: by_loss, "loss+": lambda: by_loss * norms}[normalization]()
+    return gram / (n[:, None] * n[None, :])
 
 
 def mgda_weights(gram: jax.Array, *, max_iters: int = 250, tol: float = 1e-6) -> jax.Array:
