@@ -3,8 +3,11 @@
 Learning-rate annealing, gradient-norm and NTK weighting look at the
 per-component gradients, which cost K backward passes (one vmapped VJP). The
 balancers that use them set ``recompute_next`` in their state; the train step
-evaluates :func:`compute_statistic` under ``lax.cond`` on that flag, so the
-other steps pay one backward pass only.
+(:func:`softadapt_jax.training.make_train_step`) branches on that flag with
+``lax.cond``, so the other steps pay one backward pass only. On the recompute
+steps it takes ``"grad_abs"`` and ``"grad_norm"`` from the same K backward
+passes that give the step's gradient (:func:`statistic_from_grads`);
+:func:`compute_statistic` is the stand-alone form.
 
 Statistics (``kind``):
 
@@ -84,6 +87,20 @@ def compute_statistic(
     _, grads = per_component_grads(loss_components_fn, vmap_vjps=False)(params, batch)
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
+    return statistic_from_grads(kind, grads)
+
+
+def statistic_from_grads(kind: str, grads: Any) -> jax.Array:
+    """Statistic ``"grad_abs"`` or ``"grad_norm"`` of stacked per-component gradients.
+
+    Args:
+      kind: ``"grad_abs"`` or ``"grad_norm"``.
+      grads: a pytree whose leaves are ``[K, ...]``: ``grads[k] = dL_k/dθ``.
+
+    Returns:
+      ``[K, 2]`` (max and mean of ``|dL_k/dθ|``) or ``[K]`` (``||dL_k/dθ||_2``).
+    """
+    _checks.check_choice(kind, "kind", ("grad_abs", "grad_norm"))
     flat = _per_component_leaves(grads)
     if kind == "grad_norm":
         return jnp.sqrt(sum(jnp.sum(g * g, axis=1) for g in flat))

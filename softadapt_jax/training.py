@@ -40,7 +40,8 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from softadapt_jax.statistics import compute_statistic, statistic_shape
+from softadapt_jax.gradients.per_component import per_component_grads
+from softadapt_jax.statistics import compute_statistic, statistic_from_grads, statistic_shape
 from softadapt_jax.transform import find_balancer_states, get_weights, value_and_weighted_grad
 
 LossComponentsFn = Callable[[Any, Any], Any]
@@ -138,20 +139,54 @@ def make_train_step(
 
     plain_fn = (lambda p, b: loss_components_fn(p, b)[0]) if has_aux else loss_components_fn
 
+    def finish(
+        state: BalancedTrainState,
+        weights: jax.Array,
+        values: tuple[Any, ...],
+        grads: Any,
+        statistics: jax.Array | None,
+    ) -> tuple[BalancedTrainState, Metrics]:
+        total, losses = values[0], values[1]
+        state = state.apply_gradients(grads=grads, losses=losses, statistics=statistics)
+        metrics = {"losses": losses, "weights": weights, "total": total, "loss": jnp.sum(losses)}
+        if has_aux:
+            metrics["aux"] = values[2]
+        return state, metrics
+
     def balanced_step(
         state: BalancedTrainState, batch: Any, statistics: jax.Array | None
     ) -> tuple[BalancedTrainState, Metrics]:
         weights = get_weights(state.opt_state)
         grad_fn = value_and_weighted_grad(loss_components_fn, argnums=0, has_aux=has_aux)
         values, grads = grad_fn(weights, state.params, batch)
-        total, losses = values[0], values[1]
         if axis_name is not None:
-            total, losses, grads = jax.lax.pmean((total, losses, grads), axis_name)
-        state = state.apply_gradients(grads=grads, losses=losses, statistics=statistics)
-        metrics = {"losses": losses, "weights": weights, "total": total, "loss": jnp.sum(losses)}
-        if has_aux:
-            metrics["aux"] = values[2]
-        return state, metrics
+            (total, losses), grads = jax.lax.pmean((values[:2], grads), axis_name)
+            values = (total, losses, *values[2:])
+        return finish(state, weights, values, grads, statistics)
+
+    def per_component_step(
+        state: BalancedTrainState, batch: Any, kind: str, dtype: Any
+    ) -> tuple[BalancedTrainState, Metrics]:
+        # One forward and K backward passes give both the statistic and, as their weighted sum,
+        # the step's gradient: no separate weighted backward pass on the recompute steps.
+        weights = get_weights(state.opt_state)
+        out, per_component = per_component_grads(loss_components_fn, has_aux=has_aux, vmap_vjps=False)(
+            state.params, batch
+        )
+        losses, aux = out if has_aux else (out, None)
+        if axis_name is not None:
+            # Average before combining: the statistic is non-linear in the gradients.
+            losses, per_component = jax.lax.pmean((losses, per_component), axis_name)
+        if weights.shape != losses.shape:
+            raise ValueError(
+                f"loss_components_fn must return a loss vector [K] matching the balancer's weights "
+                f"of shape {tuple(weights.shape)}; got losses of shape {tuple(losses.shape)}."
+            )
+        w = jax.lax.stop_gradient(weights).astype(losses.dtype)
+        grads = jax.tree.map(lambda g: jnp.tensordot(w.astype(g.dtype), g, axes=1), per_component)
+        values = (jnp.vdot(w, losses), losses) + ((aux,) if has_aux else ())
+        stats = statistic_from_grads(kind, per_component).astype(dtype)
+        return finish(state, weights, values, grads, stats)
 
     def step(state: BalancedTrainState, batch: Any) -> tuple[BalancedTrainState, Metrics]:
         request = _statistic_request(state.opt_state)
@@ -160,6 +195,8 @@ def make_train_step(
         kind, options, due, zeros = request
 
         def with_statistic(state: BalancedTrainState, batch: Any) -> tuple[BalancedTrainState, Metrics]:
+            if kind != "ntk_trace":
+                return per_component_step(state, batch, kind, zeros.dtype)
             stats = compute_statistic(
                 kind, plain_fn, state.params, batch, residuals_fn=residuals_fn, axis_name=axis_name, **options
             )

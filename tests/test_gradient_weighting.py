@@ -178,12 +178,44 @@ def test_per_component_gradients_only_on_recompute_steps(factory) -> None:
         jax.effects_barrier()
         calls.append(len(counter) - before)
     leaves = len(jax.tree.leaves(init_params()))
-    # One backward pass (one tap per parameter leaf) except on steps 5 and 10,
-    # where the per-component gradients add more (NTK uses residuals_fn instead).
+    # One backward pass (one tap per parameter leaf) except on steps 5 and 10. There, the
+    # gradient statistics take K = 3 backward passes, which also give the step's gradient
+    # (no fourth); NTK keeps its one pass and adds per-point passes through residuals_fn.
     plain = [c for i, c in enumerate(calls, start=1) if i % 5]
     assert plain == [leaves] * 8
-    if bal.statistic != "ntk_trace":
-        assert calls[4] > leaves and calls[9] > leaves
+    recompute = 3 * leaves if bal.statistic != "ntk_trace" else leaves
+    assert calls[4] == calls[9] == recompute
+
+
+@pytest.mark.parametrize("factory", [lr_annealing_balancer, grad_norm_balancer])
+@pytest.mark.parametrize("has_aux", [False, True])
+def test_recompute_step_equals_weighted_gradient_plus_statistic(factory, has_aux: bool) -> None:
+    # On a recompute step the gradient is sum_k w_k g_k from the per-component gradients; it must
+    # be the step the plain path takes (weighted VJP) with the statistic computed on the side.
+    bal = factory(num_losses=3, update_every=2)
+    tx = optax.chain(sj.balance(bal), optax.adam(1e-2))
+    fn = (lambda p, b: (loss_components(p, b), {"mean_x": jnp.mean(b)})) if has_aux else loss_components
+    state = training.BalancedTrainState.create(apply_fn=None, params=init_params(), tx=tx)
+    step = jax.jit(training.make_train_step(fn, has_aux=has_aux))
+    state, _ = step(state, X)  # step 1 holds, step 2 recomputes
+    assert bool(sj.find_balancer_states(state.opt_state)[0].recompute_next)
+
+    weights = sj.get_weights(state.opt_state)
+    (total, losses), grads = sj.value_and_weighted_grad(loss_components)(weights, state.params, X)
+    stats = compute_statistic(bal.statistic, loss_components, state.params, X)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, losses=losses, statistics=stats)
+    expected = optax.apply_updates(state.params, updates)
+
+    new, metrics = step(state, X)
+    chex.assert_trees_all_close(new.params, expected, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(
+        sj.find_balancer_states(new.opt_state), sj.find_balancer_states(opt_state), rtol=1e-5
+    )
+    np.testing.assert_allclose(metrics["total"], total, rtol=1e-6)
+    np.testing.assert_allclose(metrics["losses"], losses, rtol=1e-6)
+    np.testing.assert_allclose(metrics["weights"], weights)
+    if has_aux:
+        np.testing.assert_allclose(metrics["aux"]["mean_x"], jnp.mean(X))
 
 
 @pytest.mark.parametrize("factory", [lr_annealing_balancer, grad_norm_balancer, ntk_balancer])
