@@ -143,7 +143,7 @@ def fmt_us(seconds: float) -> str:
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
     """A markdown table; ``align`` is one char per column, ``l`` or ``r`` (default: first left)."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    widths = [max(3, *(len(r[i]) for r in cells)) for i in range(len(headers))]  # "--:" at least
     align = align or ("l" + "r" * (len(headers) - 1))
 
     def line(row: Sequence[str]) -> str:
