@@ -205,9 +205,10 @@ def make_train_step(
         def without_statistic(state: BalancedTrainState, batch: Any) -> tuple[BalancedTrainState, Metrics]:
             return balanced_step(state, batch, zeros)
 
-        # The whole step goes under the cond, not just the statistic: a cond beside the
-        # step's own work measured 20-40% slower on XLA:CPU than the same work alone,
-        # while a cond around everything leaves the plain branch as fast as a plain step.
+        # The whole step goes under the cond, not just the statistic: on XLA:CPU, work
+        # beside a cond ran 20-40% slower than the same work alone (micro-benchmark), while
+        # under a cond around everything a hold step costs within 1-4% of a fixed-weight
+        # step (benchmarks/RESULTS.md, section 2).
         return jax.lax.cond(due, with_statistic, without_statistic, state, batch)
 
     return step
