@@ -46,6 +46,14 @@ def as_float_array(x: Any, name: str) -> jax.Array:
     return arr
 
 
+def check_vector(x: Any, name: str, k: int) -> jax.Array:
+    """``x`` as a float array of shape ``(k,)``, or a ValueError naming ``name`` and the shape got."""
+    arr = as_float_array(x, name)
+    if arr.shape != (k,):
+        raise ValueError(f"`{name}` must have shape ({k},), got {tuple(arr.shape)}.")
+    return arr
+
+
 def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
     """Returns ``value`` as an int, or raises if it is not an integer >= minimum."""
     if isinstance(value, jax.Array):

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from softadapt_jax._checks import check_choice, check_positive_int
+from softadapt_jax._checks import check_choice, check_positive_int, check_vector
 from softadapt_jax.gradients.per_component import Mask, combine_leaves, split_stacked
 from softadapt_jax.gradients.per_component import _gram_of_leaves as gram_of_leaves
 
@@ -264,10 +264,7 @@ def _check_losses(losses: Any, k: int) -> jax.Array:
             "this normalisation needs the current component losses: call "
             f"`update(updates, state, params, losses=losses)` with `losses` of shape ({k},)."
         )
-    losses = jnp.asarray(losses)
-    if losses.shape != (k,):
-        raise ValueError(f"`losses` must have shape ({k},) (one per component); got {tuple(losses.shape)}.")
-    return jax.lax.stop_gradient(losses)
+    return jax.lax.stop_gradient(check_vector(losses, "losses", k))
 
 
 def _check_bool(value: Any, name: str) -> None:
@@ -354,8 +351,12 @@ def normalize_gramian(gram: jax.Array, normalization: str, losses: jax.Array | N
         raise ValueError(f"normalization={normalization!r} needs `losses`.")
     floor = jnp.asarray(1e-20, gram.dtype)
     norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), floor))
-    by_loss = jnp.maximum(jnp.asarray(losses, gram.dtype), floor) if losses is not None else None
-    n = {"l2": lambda: norms, "loss": lambda: by_loss, "loss+": lambda: by_loss * norms}[normalization]()
+    if normalization == "l2":
+        n = norms
+    else:
+        n = jnp.maximum(jnp.asarray(losses, gram.dtype), floor)
+        if normalization == "loss+":
+            n = n * norms
     return gram / (n[:, None] * n[None, :])
 
 

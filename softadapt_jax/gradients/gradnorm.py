@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from softadapt_jax._checks import as_float_array, check_positive_int
+from softadapt_jax._checks import check_positive_int, check_vector
 from softadapt_jax.gradients.per_component import per_component_grads
 
 Layer = Callable[[Any], Any] | str | Sequence[Any]
@@ -133,7 +133,7 @@ def gradnorm(
                 f"gradnorm needs the current component losses: call `update(updates, state, params, "
                 f"losses=losses)` with `losses` of shape ({k},)."
             )
-        losses = _check_vector(losses, "losses", k)
+        losses = check_vector(losses, "losses", k)
         if not per_component and layer_norms is None:
             raise ValueError(
                 "gradnorm(per_component=False) needs the unweighted per-component gradient norms of the "
@@ -152,7 +152,7 @@ def gradnorm(
                     f"{norms.shape[0]}."
                 )
         else:
-            norms = _check_vector(layer_norms, "layer_norms", k)
+            norms = check_vector(layer_norms, "layer_norms", k)
         weights = state.weights
         if per_component:
             updates = jax.tree.map(lambda g: jnp.tensordot(weights.astype(g.dtype), g, axes=1), updates)
@@ -254,13 +254,6 @@ def select_layer(tree: Any, layer: Layer) -> Any:
                 f"`layer` path {layer!r}: no key {key!r} under {where}; available: {available}."
             ) from None
     return node
-
-
-def _check_vector(x: Any, name: str, k: int) -> jax.Array:
-    arr = as_float_array(x, name)
-    if arr.shape != (k,):
-        raise ValueError(f"`{name}` must have shape ({k},), got {tuple(arr.shape)}.")
-    return arr
 
 
 def _check_float(value: Any, name: str, *, minimum: float) -> float:
