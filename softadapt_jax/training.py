@@ -42,7 +42,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from softadapt_jax.gradients.per_component import per_component_grads
 from softadapt_jax.statistics import compute_statistic, statistic_from_grads, statistic_shape
-from softadapt_jax.transform import find_balancer_states, get_weights, value_and_weighted_grad
+from softadapt_jax.transform import (
+    check_losses_match_weights,
+    find_balancer_states,
+    get_weights,
+    value_and_weighted_grad,
+)
 
 LossComponentsFn = Callable[[Any, Any], Any]
 Metrics = dict[str, jax.Array]
@@ -177,12 +182,7 @@ def make_train_step(
         if axis_name is not None:
             # Average before combining: the statistic is non-linear in the gradients.
             losses, per_component = jax.lax.pmean((losses, per_component), axis_name)
-        if weights.shape != losses.shape:
-            raise ValueError(
-                f"loss_components_fn must return a loss vector [K] matching the balancer's weights "
-                f"of shape {tuple(weights.shape)}; got losses of shape {tuple(losses.shape)}."
-            )
-        w = jax.lax.stop_gradient(weights).astype(losses.dtype)
+        w = check_losses_match_weights(losses, weights)
         grads = jax.tree.map(lambda g: jnp.tensordot(w.astype(g.dtype), g, axes=1), per_component)
         values = (jnp.vdot(w, losses), losses) + ((aux,) if has_aux else ())
         stats = statistic_from_grads(kind, per_component).astype(dtype)

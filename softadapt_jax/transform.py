@@ -224,6 +224,21 @@ def get_weights(opt_state: Any) -> jax.Array:
     return jax.lax.stop_gradient(states[0].weights)
 
 
+def check_losses_match_weights(losses: jax.Array, weights: Any) -> jax.Array:
+    """The weights as a constant in the losses' dtype, after checking losses is ``[K]`` like them.
+
+    Raises:
+      ValueError (at trace time): ``losses`` is not a vector of the weights' shape.
+    """
+    w = jax.lax.stop_gradient(jnp.asarray(weights))
+    if jnp.ndim(losses) != 1 or w.shape != jnp.shape(losses):
+        raise ValueError(
+            f"loss_components_fn must return a loss vector [K] matching `weights` of shape "
+            f"{tuple(w.shape)}; got losses of shape {tuple(jnp.shape(losses))}."
+        )
+    return w.astype(losses.dtype)
+
+
 def value_and_weighted_grad(
     loss_components_fn: Callable[..., Any], argnums: int = 0, has_aux: bool = False
 ) -> Callable[..., tuple[tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, Any], Any]]:
@@ -254,13 +269,7 @@ def value_and_weighted_grad(
 
         out = jax.vjp(f, args[argnums], has_aux=has_aux)
         losses, vjp_fn = out[0], out[1]
-        w = jax.lax.stop_gradient(jnp.asarray(weights))
-        if losses.ndim != 1 or w.shape != losses.shape:
-            raise ValueError(
-                f"loss_components_fn must return a loss vector [K] matching `weights` of shape "
-                f"{tuple(w.shape)}; got losses of shape {tuple(jnp.shape(losses))}."
-            )
-        w = w.astype(losses.dtype)
+        w = check_losses_match_weights(losses, weights)
         (grads,) = vjp_fn(w)
         total = jnp.vdot(w, losses)
         if has_aux:
