@@ -128,6 +128,8 @@ BASELINE = "sum"
 STRUCTURED_BASELINE = "fixed"
 STAT_EVERY = 100  # update_every of the gradient-statistics rows the issue's requirement is about
 GRADIENT_STATISTICS = ("lr_annealing", "grad_norm", "ntk")
+# The same methods through jax.jit(make_train_step): the recompute decision on the device.
+ON_DEVICE_ROWS = tuple(f"{n}_cond" for n in GRADIENT_STATISTICS)
 ROUND_BUDGET_S = 0.5  # an update_every=1 row whose steps are slower runs a shorter chain
 
 
@@ -155,23 +157,24 @@ class Method:
     update_every: int = 1
 
 
-def _stat_rows(every: int, suffix: str) -> dict[str, Method]:
+def _stat_rows(every: int, suffix: str, path: str = "scheduled") -> dict[str, Method]:
+    how = "jit_train_step" if path == "scheduled" else "jit(make_train_step), on-device cond"
     return {
         f"lr_annealing{suffix}": Method(
-            f"make_train_step, lr_annealing_balancer(update_every={every}) (grad_abs statistic)",
-            "train_step",
+            f"{how}, lr_annealing_balancer(update_every={every}) (grad_abs statistic)",
+            path,
             balancer=lambda k: sj.lr_annealing_balancer(num_losses=k, update_every=every),
             update_every=every,
         ),
         f"grad_norm{suffix}": Method(
-            f"make_train_step, grad_norm_balancer(update_every={every}) (grad_norm statistic)",
-            "train_step",
+            f"{how}, grad_norm_balancer(update_every={every}) (grad_norm statistic)",
+            path,
             balancer=lambda k: sj.grad_norm_balancer(num_losses=k, update_every=every),
             update_every=every,
         ),
         f"ntk{suffix}": Method(
-            f"make_train_step, ntk_balancer(update_every={every}) (ntk_trace, 128 points/loss)",
-            "train_step",
+            f"{how}, ntk_balancer(update_every={every}) (ntk_trace, 128 points/loss)",
+            path,
             balancer=lambda k: sj.ntk_balancer(num_losses=k, update_every=every, max_points=128),
             update_every=every,
         ),
@@ -233,11 +236,12 @@ METHODS: dict[str, Method] = {
         balancer=lambda k: sj.rlw_balancer(num_losses=k),
     ),
     **_stat_rows(STAT_EVERY, ""),
+    **_stat_rows(STAT_EVERY, "_cond", path="train_step"),
     **_stat_rows(1, "_every1"),
-    # update_every larger than any run: every step takes the hold branch of the train step's cond.
+    # update_every larger than any run: only the hold step (no statistic) ever runs.
     "grad_norm_hold": Method(
-        "make_train_step, grad_norm_balancer(update_every=10**9): hold steps only, never a statistic",
-        "train_step",
+        "jit_train_step, grad_norm_balancer(update_every=10**9): hold steps only, never a statistic",
+        "scheduled",
         balancer=lambda k: sj.grad_norm_balancer(num_losses=k, update_every=10**9),
         update_every=10**9,
     ),
@@ -309,10 +313,14 @@ def loss_components(params: Any, batch: Batch) -> jax.Array:
 
 def make_runner(method: Method, num_losses: int, params0: Any, batch: Batch, lr: float = 1e-3):
     """``(run_one, get_state)``: one compiled step advancing its own carried state, and a reader."""
-    if method.path in ("train_step", "sum_state"):
+    if method.path in ("train_step", "scheduled", "sum_state"):
         if method.path == "train_step":
             tx = optax.chain(sj.balance(method.balancer(num_losses)), optax.adam(lr))
-            step = training.make_train_step(loss_components, residuals_fn=residuals)
+            step = jax.jit(training.make_train_step(loss_components, residuals_fn=residuals))
+        elif method.path == "scheduled":
+            tx = optax.chain(sj.balance(method.balancer(num_losses)), optax.adam(lr))
+            step = training.jit_train_step(loss_components, residuals_fn=residuals)
+            step.precompile(training.BalancedTrainState.create(apply_fn=None, params=params0, tx=tx), batch)
         else:
             tx = optax.adam(lr)
 
@@ -320,7 +328,7 @@ def make_runner(method: Method, num_losses: int, params0: Any, batch: Batch, lr:
                 loss, grads = jax.value_and_grad(lambda p: jnp.sum(loss_components(p, b)))(state.params)
                 return state.apply_gradients(grads=grads), {"loss": loss}
 
-        step = jax.jit(step)
+            step = jax.jit(step)
         carry = [training.BalancedTrainState.create(apply_fn=None, params=params0, tx=tx)]
 
         def run_one():
@@ -416,7 +424,7 @@ def check_held(name: str, state: Any) -> None:
 
 
 def _fmt_every(method: Method) -> str:
-    if method.path != "train_step":
+    if method.path not in ("train_step", "scheduled"):
         return ""
     return "never" if method.update_every >= 10**9 else str(method.update_every)
 
@@ -491,7 +499,7 @@ def run_processes(args: argparse.Namespace) -> None:
     rows = [[f"`{n}`", _fmt_every(METHODS[n]), *(cell(n, k) for k, _ in keys)] for n in names]
     print(markdown_table(["method", "n", *(h for _, h in keys)], rows, align="lrrrrr"))
     print()
-    for name in GRADIENT_STATISTICS:
+    for name in GRADIENT_STATISTICS + ON_DEVICE_ROWS:
         if name not in names:
             continue
         med = {
@@ -543,7 +551,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown method(s) {unknown}; known: {list(METHODS)}")
     chosen = {BASELINE, *names}
-    if any(METHODS[n].path == "train_step" for n in names):
+    if any(METHODS[n].path in ("train_step", "scheduled") for n in names):
         chosen.add(STRUCTURED_BASELINE)
     names = [n for n in METHODS if n in chosen]  # table order
     if args.steps < STAT_EVERY or args.steps % STAT_EVERY:
@@ -579,7 +587,7 @@ def main() -> None:
             number[name] = steps
     timings = time_interleaved(runners, repeats=repeats, number=number, warmup=warmup, block_each=False)
     for name in names:
-        if name.removesuffix("_every1") in GRADIENT_STATISTICS:
+        if name.removesuffix("_every1").removesuffix("_cond") in GRADIENT_STATISTICS:
             check_recomputed(name, readers[name]())
         elif name == "grad_norm_hold":
             check_held(name, readers[name]())
@@ -697,7 +705,7 @@ def main() -> None:
             f"`fixed`: wall {_median_ratio(t.samples, struct.samples):.3f}, CPU "
             f"{_median_ratio(t.cpu_samples, struct.cpu_samples):.3f} (95% CI [{lo:.3f}, {hi:.3f}])."
         )
-    for name in GRADIENT_STATISTICS:
+    for name in GRADIENT_STATISTICS + ON_DEVICE_ROWS:
         if name not in ratios:
             continue
         r, c = ratios[name]

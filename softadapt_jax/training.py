@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import flax.serialization
@@ -112,6 +112,7 @@ def make_train_step(
     axis_name: str | None = None,
     has_aux: bool = False,
     residuals_fn: Callable[..., Any] | None = None,
+    recompute: bool | None = None,
 ) -> Callable[[BalancedTrainState, Any], tuple[BalancedTrainState, Metrics]]:
     """Builds ``step(state, batch) -> (state, metrics)`` with one backward pass.
 
@@ -126,11 +127,20 @@ def make_train_step(
         needed only by the NTK balancer. It must work row by row: given a
         one-row batch (row i of every leaf) it returns point i of each
         residual, as PINN collocation sets do.
+      recompute: for balancers that need a gradient statistic: ``None``
+        (default) decides on the device, from the balancer's
+        ``recompute_next``, with a ``lax.cond``; ``True`` builds the step that
+        always computes the statistic; ``False`` the step that never does (a
+        balancer that is due then keeps its weights). :func:`jit_train_step`
+        compiles the last two and picks one on the host. Ignored for other
+        balancers.
 
     Balancers that need a gradient statistic (learning-rate annealing,
     gradient-norm, NTK weighting) get it computed only on the steps that
-    recompute their weights: the step is a ``lax.cond`` between the plain step
-    (one backward pass) and the plain step plus the statistic.
+    recompute their weights: with ``recompute=None`` the step is a
+    ``lax.cond`` between the plain step (one backward pass) and the step that
+    also computes the statistic. For a step built once and used anywhere
+    (``jit``, ``pmap``, inside ``lax.scan``).
 
     Returns:
       A pure step function; ``metrics`` holds ``losses`` ``[K]``, ``weights``
@@ -140,7 +150,10 @@ def make_train_step(
     Raises:
       ValueError (at trace time): the loss function's output is not ``[K]``
         with K the balancer's number of losses.
+      TypeError: ``recompute`` is not ``None`` or a bool.
     """
+    if recompute is not None and not isinstance(recompute, bool):
+        raise TypeError(f"`recompute` must be None, True or False, got {recompute!r}.")
 
     plain_fn = (lambda p, b: loss_components_fn(p, b)[0]) if has_aux else loss_components_fn
 
@@ -203,7 +216,11 @@ def make_train_step(
             return balanced_step(state, batch, stats.astype(zeros.dtype))
 
         def without_statistic(state: BalancedTrainState, batch: Any) -> tuple[BalancedTrainState, Metrics]:
+            # Zeros make every estimate non-finite, so a due balancer keeps its weights.
             return balanced_step(state, batch, zeros)
+
+        if recompute is not None:
+            return (with_statistic if recompute else without_statistic)(state, batch)
 
         # The whole step goes under the cond, not just the statistic: on XLA:CPU, work
         # beside a cond ran 20-40% slower than the same work alone (micro-benchmark), while
@@ -212,6 +229,164 @@ def make_train_step(
         return jax.lax.cond(due, with_statistic, without_statistic, state, batch)
 
     return step
+
+
+class _Schedule(NamedTuple):
+    """Host copy of the counters that decide a balancer's next recompute, and its static schedule."""
+
+    count: int
+    filled: int
+    accum_count: int
+    window: int
+    update_every: int
+    accumulate: int
+
+    @property
+    def due(self) -> bool:
+        """Whether the step on a state with these counters recomputes (``BalancerState.recompute_next``)."""
+        push = self.accum_count + 1 >= self.accumulate
+        full = min(self.filled + 1, self.window) >= self.window
+        return push and full and (self.count + 1) % self.update_every == 0
+
+    def advanced(self) -> _Schedule:
+        """The counters after one accepted step (as ``make_balancer``'s update moves them)."""
+        accum_count = self.accum_count + 1
+        push = accum_count >= self.accumulate
+        return self._replace(
+            count=self.count + 1,
+            filled=min(self.filled + 1, self.window) if push else self.filled,
+            accum_count=0 if push else accum_count,
+        )
+
+
+def _read_schedule(opt_state: Any) -> _Schedule | None:
+    """The balancer's counters, read from the device (this waits for them), and its schedule.
+
+    ``None`` when the method state of the balancer does not declare a static ``schedule``.
+    """
+    (b,) = find_balancer_states(opt_state)
+    schedule = getattr(b.method_state, "schedule", None)
+    if schedule is None:
+        return None
+    counters = jax.device_get((b.count, b.filled, b.accum_count))
+    count, filled, accum_count = (int(np.ravel(x)[0]) for x in counters)
+    return _Schedule(count, filled, accum_count, *schedule)
+
+
+class ScheduledTrainStep:
+    """A jitted train step that decides on the host which steps compute the gradient statistic.
+
+    Built by :func:`jit_train_step`. Call it as ``state, metrics = step(state, batch)``.
+
+    Attributes:
+      hold_step: the jitted step without the statistic (one backward pass, no
+        conditional); also the step of balancers that need no statistic.
+      recompute_step: the jitted step that computes the statistic.
+      cond_step: the jitted ``lax.cond`` step, used when the balancer's
+        schedule is unknown (a custom balancer without a ``schedule``).
+      syncs: how many times the step waited for the device to read the
+        balancer's counters.
+    """
+
+    def __init__(self, make: Callable[[bool | None], Callable[..., Any]], donate_state: bool) -> None:
+        donate = (0,) if donate_state else ()
+        self.hold_step = jax.jit(make(False), donate_argnums=donate)
+        self.recompute_step = jax.jit(make(True), donate_argnums=donate)
+        self.cond_step = jax.jit(make(None), donate_argnums=donate)
+        self.syncs = 0
+        self._mode = "unknown"  # "plain", "cond" or "scheduled", set by _sync
+        self._schedule: _Schedule | None = None
+        self._last_opt_state: Any = None
+        self._last_recomputed = False
+
+    def precompile(self, state: BalancedTrainState, batch: Any) -> None:
+        """Compiles the steps ``state`` will need now rather than at their first call.
+
+        Without it the recompute step compiles on the first recompute, in the
+        middle of a run (which matters when timing one).
+        """
+        if _statistic_request(state.opt_state) is None:
+            steps = [self.hold_step]
+        elif getattr(find_balancer_states(state.opt_state)[0].method_state, "schedule", None) is None:
+            steps = [self.cond_step]
+        else:
+            steps = [self.hold_step, self.recompute_step]
+        for fn in steps:
+            fn.lower(state, batch).compile()
+
+    def _sync(self, state: BalancedTrainState) -> None:
+        self._last_recomputed = False
+        if _statistic_request(state.opt_state) is None:
+            self._mode, self._schedule = "plain", None
+            return
+        self.syncs += 1
+        self._schedule = _read_schedule(state.opt_state)
+        self._mode = "cond" if self._schedule is None else "scheduled"
+
+    def __call__(self, state: BalancedTrainState, batch: Any) -> tuple[BalancedTrainState, Metrics]:
+        # The counters are read from the device only for a state this object did not return,
+        # and after a recompute step that a hold step would follow (its losses may have been
+        # rejected, leaving the balancer due). Otherwise the host copy is exact or ahead: a
+        # rejected step does not advance the balancer, so it is never due before the copy says.
+        if state.opt_state is not self._last_opt_state:
+            self._sync(state)
+        if self._mode == "scheduled":
+            assert self._schedule is not None
+            due = self._schedule.due
+            if not due and self._last_recomputed:
+                self._sync(state)
+                due = self._schedule.due
+            state, metrics = (self.recompute_step if due else self.hold_step)(state, batch)
+            self._schedule = self._schedule.advanced()
+            self._last_recomputed = due
+        else:
+            state, metrics = (self.hold_step if self._mode == "plain" else self.cond_step)(state, batch)
+        self._last_opt_state = state.opt_state
+        return state, metrics
+
+
+def jit_train_step(
+    loss_components_fn: LossComponentsFn,
+    *,
+    has_aux: bool = False,
+    residuals_fn: Callable[..., Any] | None = None,
+    donate_state: bool = False,
+) -> ScheduledTrainStep:
+    """The jitted single-device train step, with the statistic schedule decided on the host.
+
+    For balancers that need a gradient statistic, ``jax.jit(make_train_step(f))``
+    puts the whole step under a ``lax.cond`` on the balancer's
+    ``recompute_next``; this compiles the step without the statistic and the
+    step with it separately, and calls the right one from a host copy of the
+    balancer's schedule. Hold steps then run no conditional, and the host
+    waits for the device only around recompute steps (twice per
+    ``update_every`` steps) and for a state it did not return itself (e.g.
+    one restored from a checkpoint). The results equal those of
+    ``jax.jit(make_train_step(f))``, non-finite losses included. Balancers
+    without a statistic get the plain jitted step.
+
+    Args:
+      loss_components_fn: ``f(params, batch) -> losses [K]`` (see :func:`make_train_step`).
+      has_aux: whether ``f`` returns ``(losses, aux)``.
+      residuals_fn: per-point residuals, for the NTK balancer.
+      donate_state: donate the input state's buffers to the step (the caller
+        must not use a state after passing it in).
+
+    Returns:
+      A :class:`ScheduledTrainStep`: ``step(state, batch) -> (state, metrics)``.
+
+    Example:
+      >>> step = jit_train_step(loss_components)  # doctest: +SKIP
+      >>> for batch in batches:  # doctest: +SKIP
+      ...     state, metrics = step(state, batch)
+    """
+
+    def make(recompute: bool | None) -> Callable[..., Any]:
+        return make_train_step(
+            loss_components_fn, has_aux=has_aux, residuals_fn=residuals_fn, recompute=recompute
+        )
+
+    return ScheduledTrainStep(make, donate_state)
 
 
 def make_pmap_train_step(

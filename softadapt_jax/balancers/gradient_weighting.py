@@ -33,11 +33,15 @@ class GradientWeightingState:
       statistic: static name of the gradient statistic the method needs.
       statistic_options: static keyword arguments of
         :func:`softadapt_jax.statistics.compute_statistic`, as ``(name, value)`` pairs.
+      schedule: static ``(window, update_every, accumulate)`` of the balancer,
+        from which a host loop predicts the recompute steps without reading the
+        device (:func:`softadapt_jax.training.jit_train_step`); ``None``: unknown.
     """
 
     ema: jax.Array
     statistic: str = flax.struct.field(pytree_node=False, default="grad_norm")
     statistic_options: tuple[tuple[str, Any], ...] = flax.struct.field(pytree_node=False, default=())
+    schedule: tuple[int, int, int] | None = flax.struct.field(pytree_node=False, default=None)
 
 
 def _ema_rule(estimate_fn: Any, keep: float) -> Any:
@@ -69,6 +73,7 @@ def _make(
     statistic_options: tuple[tuple[str, Any], ...] = (),
 ) -> Balancer:
     k = _checks.check_positive_int(num_losses, "num_losses")
+    update_every = _checks.check_positive_int(update_every, "update_every")
     hist_dtype = resolve_dtype(dtype)
     return make_balancer(
         _ema_rule(estimate_fn, keep),
@@ -76,7 +81,10 @@ def _make(
         window=1,
         weights_sum=float(k),
         init_method_state=GradientWeightingState(
-            ema=jnp.ones((k,), hist_dtype), statistic=statistic, statistic_options=statistic_options
+            ema=jnp.ones((k,), hist_dtype),
+            statistic=statistic,
+            statistic_options=statistic_options,
+            schedule=(1, update_every, 1),
         ),
         update_every=update_every,
         setpoint=setpoint,
