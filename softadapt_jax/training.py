@@ -91,16 +91,27 @@ class BalancedTrainState(train_state.TrainState):
         return get_weights(self.opt_state)
 
 
+def _statistic_balancer(opt_state: Any) -> Any:
+    """The one balancer state in ``opt_state`` whose balancer needs a gradient statistic, else ``None``.
+
+    Host-side only (static attributes, no device work): ``None`` also when
+    there is more than one balancer.
+    """
+    states = find_balancer_states(opt_state)
+    if len(states) == 1 and getattr(states[0].method_state, "statistic", None) is not None:
+        return states[0]
+    return None
+
+
 def _statistic_request(opt_state: Any) -> tuple[str, dict[str, Any], jax.Array, jax.Array] | None:
     """``(kind, options, due, zeros)`` for the one balancer in ``opt_state`` that needs a statistic.
 
     ``None`` when no balancer (or more than one) asks for a gradient statistic.
     """
-    states = find_balancer_states(opt_state)
-    kind = getattr(states[0].method_state, "statistic", None) if len(states) == 1 else None
-    if kind is None:
+    bstate = _statistic_balancer(opt_state)
+    if bstate is None:
         return None
-    bstate = states[0]
+    kind = bstate.method_state.statistic
     options = dict(getattr(bstate.method_state, "statistic_options", ()))
     zeros = jnp.zeros(statistic_shape(kind, bstate.weights.shape[0]), bstate.weights.dtype)
     return kind, options, bstate.recompute_next, zeros
@@ -259,17 +270,17 @@ class _Schedule(NamedTuple):
         )
 
 
-def _read_schedule(opt_state: Any) -> _Schedule | None:
+def _read_schedule(bstate: Any) -> _Schedule | None:
     """The balancer's counters, read from the device (this waits for them), and its schedule.
 
-    ``None`` when the method state of the balancer does not declare a static ``schedule``.
+    ``None`` when the balancer's method state does not declare a static ``schedule``.
     """
-    (b,) = find_balancer_states(opt_state)
-    schedule = getattr(b.method_state, "schedule", None)
+    schedule = getattr(bstate.method_state, "schedule", None)
     if schedule is None:
         return None
-    counters = jax.device_get((b.count, b.filled, b.accum_count))
-    count, filled, accum_count = (int(np.ravel(x)[0]) for x in counters)
+    # One read of the stored counters (replica 0 of a replicated state), not one per field.
+    counters = np.asarray(bstate.counters).reshape(-1, bstate.counters.shape[-1])[0]
+    filled, count, accum_count = (int(counters[i]) for i in (0, 1, 3))
     return _Schedule(count, filled, accum_count, *schedule)
 
 
@@ -305,9 +316,10 @@ class ScheduledTrainStep:
         Without it the recompute step compiles on the first recompute, in the
         middle of a run (which matters when timing one).
         """
-        if _statistic_request(state.opt_state) is None:
+        bstate = _statistic_balancer(state.opt_state)
+        if bstate is None:
             steps = [self.hold_step]
-        elif getattr(find_balancer_states(state.opt_state)[0].method_state, "schedule", None) is None:
+        elif getattr(bstate.method_state, "schedule", None) is None:
             steps = [self.cond_step]
         else:
             steps = [self.hold_step, self.recompute_step]
@@ -315,12 +327,15 @@ class ScheduledTrainStep:
             fn.lower(state, batch).compile()
 
     def _sync(self, state: BalancedTrainState) -> None:
+        # Host-side work only besides the read of three counters: this runs while the device
+        # is idle, after the queue of dispatched steps has drained.
         self._last_recomputed = False
-        if _statistic_request(state.opt_state) is None:
+        bstate = _statistic_balancer(state.opt_state)
+        if bstate is None:
             self._mode, self._schedule = "plain", None
             return
         self.syncs += 1
-        self._schedule = _read_schedule(state.opt_state)
+        self._schedule = _read_schedule(bstate)
         self._mode = "cond" if self._schedule is None else "scheduled"
 
     def __call__(self, state: BalancedTrainState, batch: Any) -> tuple[BalancedTrainState, Metrics]:

@@ -326,3 +326,44 @@ def test_half_precision_history_dtype_raises():
 def test_accuracy_order_too_large_for_window_raises():
     with pytest.raises(ValueError, match=r"`accuracy_order`=5 needs 6 time steps.*T=5"):
         softadapt_balancer(num_losses=K, window=5, accuracy_order=5)
+
+
+def test_state_fields_are_stored_in_two_arrays() -> None:
+    # Each leaf costs every jitted step an input and an output buffer: ten fields, two arrays.
+    b = softadapt_balancer(0.1, num_losses=K, window=4)
+    state = b.init()
+    assert len(jax.tree.leaves(state)) == 2 + len(jax.tree.leaves(state.method_state))
+    assert state.rows.shape == (4 + 3, K) and state.counters.shape == (5,)
+    fields = {
+        "history": jnp.arange(12.0).reshape(4, K),
+        "initial": jnp.array([1.0, 2.0, 3.0]),
+        "accum": jnp.array([4.0, 5.0, 6.0]),
+        "weights": jnp.array([0.2, 0.3, 0.5]),
+        "filled": jnp.int32(3),
+        "count": jnp.int32(7),
+        "rejected": jnp.int32(2),
+        "accum_count": jnp.int32(1),
+        "recompute_next": jnp.bool_(True),
+    }
+    packed = BalancerState.pack(**fields, method_state=state.method_state)
+    replaced = state._replace(**fields)
+    for name, value in fields.items():
+        np.testing.assert_array_equal(getattr(packed, name), value)
+        np.testing.assert_array_equal(getattr(replaced, name), value)
+    assert packed.recompute_next.dtype == jnp.bool_ and packed.count.dtype == jnp.int32
+    chex.assert_trees_all_equal(packed, replaced)
+
+
+def test_fields_of_a_batched_state_keep_the_batch_axis() -> None:
+    b = softadapt_balancer(0.1, num_losses=K, window=2)
+    states = jax.vmap(lambda _: b.init())(jnp.arange(5))
+    assert states.weights.shape == (5, K) and states.history.shape == (5, 2, K)
+    assert states.count.shape == (5,)
+    bumped = states._replace(rejected=jnp.arange(5))
+    np.testing.assert_array_equal(bumped.rejected, np.arange(5))
+    np.testing.assert_array_equal(bumped.count, np.zeros(5))
+
+
+def test_replace_unknown_field_raises() -> None:
+    with pytest.raises(ValueError, match="BalancerState has no field 'weight'"):
+        softadapt_balancer(0.1, num_losses=K).init()._replace(weight=jnp.ones(K))

@@ -104,7 +104,7 @@ def test_host_schedule_follows_the_balancer(window: int, every: int, accumulate:
     )
     update = jax.jit(bal.update)
     state = bal.init()
-    host = training._read_schedule((state,))
+    host = training._read_schedule(state)
     rng = np.random.default_rng(0)
     for _ in range(40):
         assert host.due == bool(state.recompute_next)
