@@ -4,7 +4,8 @@ Learning-rate annealing, gradient-norm and NTK weighting look at the
 per-component gradients, which cost K backward passes (one vmapped VJP). The
 balancers that use them set ``recompute_next`` in their state; the train step
 (:func:`softadapt_jax.training.make_train_step`) branches on that flag with
-``lax.cond``, so the other steps pay one backward pass only. On the recompute
+``lax.cond``, or :func:`softadapt_jax.training.jit_train_step` picks one of two
+compiled steps on the host, so the other steps pay one backward pass only. On the recompute
 steps it takes ``"grad_abs"`` and ``"grad_norm"`` from the same K backward
 passes that give the step's gradient (:func:`statistic_from_grads`);
 :func:`compute_statistic` is the stand-alone form.

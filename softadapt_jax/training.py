@@ -12,7 +12,10 @@ One step, whatever the device layout, reads top to bottom:
 
 Layouts:
 
-* one device: ``jax.jit(make_train_step(fn))``;
+* one device: ``jax.jit(make_train_step(fn))``, or :func:`jit_train_step` in a
+  Python loop (for the gradient-statistics balancers it compiles the steps
+  with and without the statistic apart and picks one on the host, so the
+  other steps run no conditional);
 * ``jax.pmap``: :func:`make_pmap_train_step`, with :func:`replicate`,
   :func:`unreplicate` and :func:`shard_batch` (also across processes started
   with ``jax.distributed.initialize``; each process passes its local shard);
@@ -235,8 +238,8 @@ def make_train_step(
 
         # The whole step goes under the cond, not just the statistic: on XLA:CPU, work
         # beside a cond ran 20-40% slower than the same work alone (micro-benchmark), while
-        # under a cond around everything a hold step costs within 1-4% of a fixed-weight
-        # step (benchmarks/RESULTS.md, section 2).
+        # under a cond around everything a hold step costs 1.02x a fixed-weight step
+        # (jit_train_step's hold step, no cond: 0.99x; benchmarks/RESULTS.md, section 2).
         return jax.lax.cond(due, with_statistic, without_statistic, state, batch)
 
     return step
@@ -263,11 +266,10 @@ class _Schedule(NamedTuple):
         """The counters after one accepted step (as ``make_balancer``'s update moves them)."""
         accum_count = self.accum_count + 1
         push = accum_count >= self.accumulate
-        return self._replace(
-            count=self.count + 1,
-            filled=min(self.filled + 1, self.window) if push else self.filled,
-            accum_count=0 if push else accum_count,
-        )
+        filled = min(self.filled + 1, self.window) if push else self.filled
+        # Positional construction: a third of the host time of _replace, on every step.
+        accum_count = 0 if push else accum_count
+        return _Schedule(self.count + 1, filled, accum_count, self.window, self.update_every, self.accumulate)
 
 
 def _read_schedule(bstate: Any) -> _Schedule | None:
@@ -327,8 +329,8 @@ class ScheduledTrainStep:
             fn.lower(state, batch).compile()
 
     def _sync(self, state: BalancedTrainState) -> None:
-        # Host-side work only besides the read of three counters: this runs while the device
-        # is idle, after the queue of dispatched steps has drained.
+        # Kept to host-side work and one read of the counters: it runs after the queue of
+        # dispatched steps has drained, while the device waits for the next one.
         self._last_recomputed = False
         bstate = _statistic_balancer(state.opt_state)
         if bstate is None:
@@ -342,7 +344,9 @@ class ScheduledTrainStep:
         # The counters are read from the device only for a state this object did not return,
         # and after a recompute step that a hold step would follow (its losses may have been
         # rejected, leaving the balancer due). Otherwise the host copy is exact or ahead: a
-        # rejected step does not advance the balancer, so it is never due before the copy says.
+        # rejected step does not advance the balancer, so it is never due before the copy
+        # says. A recompute step on a state that is not due is harmless (the balancer then
+        # ignores the statistic); a hold step on a due state never runs.
         if state.opt_state is not self._last_opt_state:
             self._sync(state)
         if self._mode == "scheduled":
@@ -374,8 +378,8 @@ def jit_train_step(
     ``recompute_next``; this compiles the step without the statistic and the
     step with it separately, and calls the right one from a host copy of the
     balancer's schedule. Hold steps then run no conditional, and the host
-    waits for the device only around recompute steps (twice per
-    ``update_every`` steps) and for a state it did not return itself (e.g.
+    waits for the device only after each recompute step (to learn whether
+    its losses were accepted) and for a state it did not return itself (e.g.
     one restored from a checkpoint). The results equal those of
     ``jax.jit(make_train_step(f))``, non-finite losses included. Balancers
     without a statistic get the plain jitted step.

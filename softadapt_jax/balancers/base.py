@@ -24,8 +24,10 @@ weighting) also need a statistic of the per-component gradients, but only on
 the steps that recompute the weights. Their balancer declares the statistic
 (``statistic=...``), the state announces in ``recompute_next`` whether the
 coming step will recompute, and the caller computes the statistic only then
-(:func:`softadapt_jax.statistics.compute_statistic` under ``lax.cond``), so
-every other step keeps a single backward pass.
+(:func:`softadapt_jax.statistics.compute_statistic` under ``lax.cond``, or
+in a step chosen on the host by :func:`softadapt_jax.training.jit_train_step`
+from the balancer's static ``schedule``), so every other step keeps a single
+backward pass.
 
 Step semantics of ``update(losses, state)``, in order: reject non-finite
 losses; add the losses to the accumulator; every ``accumulate`` steps push the
@@ -290,7 +292,10 @@ def make_balancer(
         Half-precision losses are stored in this dtype, never in half.
       name: label for logs and tables.
       statistic: the gradient statistic the rule needs as its fourth argument
-        (``None``: a pure loss-statistics rule).
+        (``None``: a pure loss-statistics rule). A method state with a static
+        ``schedule = (window, update_every, accumulate)`` attribute lets
+        :func:`softadapt_jax.training.jit_train_step` predict the recompute
+        steps on the host; without it that step uses the ``lax.cond`` step.
 
     Returns:
       A :class:`Balancer`.

@@ -4,8 +4,9 @@ All three recompute their weights every ``update_every`` steps from a
 statistic of the per-component gradients (:mod:`softadapt_jax.statistics`)
 and smooth them with a moving average. The statistic is needed only on the
 recompute steps; the state's ``recompute_next`` says when, and
-:func:`softadapt_jax.training.make_train_step` computes it under ``lax.cond``,
-so all other steps cost one backward pass.
+:func:`softadapt_jax.training.make_train_step` computes it under ``lax.cond``
+(:func:`softadapt_jax.training.jit_train_step`: in a separately compiled step
+chosen on the host), so all other steps cost one backward pass.
 
 Weights start at 1 each (plain summation) and do not sum to a constant.
 """
