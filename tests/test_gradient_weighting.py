@@ -161,6 +161,17 @@ def counting_loss(counter: list[int]):
     return fn
 
 
+def backward_passes_per_step(step, state, counter: list[int], steps: int) -> list[int]:
+    """Runs ``steps`` steps from ``state``; the taps each one added to ``counter``."""
+    calls = []
+    for _ in range(steps):
+        before = len(counter)
+        state, _ = step(state, X)
+        jax.effects_barrier()
+        calls.append(len(counter) - before)
+    return calls
+
+
 @pytest.mark.parametrize(
     "factory", [lr_annealing_balancer, grad_norm_balancer, functools.partial(ntk_balancer)]
 )
@@ -171,12 +182,7 @@ def test_per_component_gradients_only_on_recompute_steps(factory) -> None:
     tx = optax.chain(sj.balance(bal), optax.adam(1e-2))
     state = training.BalancedTrainState.create(apply_fn=None, params=init_params(), tx=tx)
     step = jax.jit(training.make_train_step(fn, residuals_fn=residuals))
-    calls = []
-    for _ in range(10):
-        before = len(counter)
-        state, _ = step(state, X)
-        jax.effects_barrier()
-        calls.append(len(counter) - before)
+    calls = backward_passes_per_step(step, state, counter, 10)
     leaves = len(jax.tree.leaves(init_params()))
     # One backward pass (one tap per parameter leaf) except on steps 5 and 10. There, the
     # gradient statistics take K = 3 backward passes, which also give the step's gradient

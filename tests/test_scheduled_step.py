@@ -8,7 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_gradient_weighting import X, counting_loss, init_params, loss_components, residuals
+from test_gradient_weighting import (
+    X,
+    backward_passes_per_step,
+    counting_loss,
+    init_params,
+    loss_components,
+    residuals,
+)
 
 import softadapt_jax as sj
 from softadapt_jax import training
@@ -57,12 +64,7 @@ def test_backward_passes_and_device_reads(factory) -> None:
     counter: list[int] = []
     step = training.jit_train_step(counting_loss(counter))
     state = make_state(factory(num_losses=3, update_every=4))
-    calls = []
-    for _ in range(12):
-        before = len(counter)
-        state, _ = step(state, X)
-        jax.effects_barrier()
-        calls.append(len(counter) - before)
+    calls = backward_passes_per_step(step, state, counter, 12)
     leaves = len(jax.tree.leaves(init_params()))
     # Steps 4, 8, 12 recompute with K = 3 backward passes; every other step takes one.
     assert calls == [leaves, leaves, leaves, 3 * leaves] * 3

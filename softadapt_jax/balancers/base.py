@@ -68,6 +68,20 @@ class _StoredBalancerState(NamedTuple):
     method_state: PyTree
 
 
+def _row_property(name: str) -> property:
+    def get(self: _StoredBalancerState) -> jax.Array:
+        return self.rows[..., _ROW_FIELDS[name], :]
+
+    return property(get, doc=f"``[K]`` {name}, stored in ``rows``.")
+
+
+def _counter_property(name: str) -> property:
+    def get(self: _StoredBalancerState) -> jax.Array:
+        return self.counters[..., _COUNTER_FIELDS[name]]
+
+    return property(get, doc=f"int32 {name}, stored in ``counters``.")
+
+
 class BalancerState(_StoredBalancerState):
     """State of any loss-statistics balancer.
 
@@ -141,38 +155,20 @@ class BalancerState(_StoredBalancerState):
 
     @property
     def history(self) -> jax.Array:
+        """``[window, K]``, stored in ``rows``."""
         return self.rows[..., :-NUM_SUMMARY_ROWS, :]
 
-    @property
-    def initial(self) -> jax.Array:
-        return self.rows[..., _ROW_FIELDS["initial"], :]
-
-    @property
-    def accum(self) -> jax.Array:
-        return self.rows[..., _ROW_FIELDS["accum"], :]
-
-    @property
-    def weights(self) -> jax.Array:
-        return self.rows[..., _ROW_FIELDS["weights"], :]
-
-    @property
-    def filled(self) -> jax.Array:
-        return self.counters[..., _COUNTER_FIELDS["filled"]]
-
-    @property
-    def count(self) -> jax.Array:
-        return self.counters[..., _COUNTER_FIELDS["count"]]
-
-    @property
-    def rejected(self) -> jax.Array:
-        return self.counters[..., _COUNTER_FIELDS["rejected"]]
-
-    @property
-    def accum_count(self) -> jax.Array:
-        return self.counters[..., _COUNTER_FIELDS["accum_count"]]
+    initial = _row_property("initial")
+    accum = _row_property("accum")
+    weights = _row_property("weights")
+    filled = _counter_property("filled")
+    count = _counter_property("count")
+    rejected = _counter_property("rejected")
+    accum_count = _counter_property("accum_count")
 
     @property
     def recompute_next(self) -> jax.Array:
+        """bool, stored in ``counters`` as 0 or 1."""
         return self.counters[..., _COUNTER_FIELDS["recompute_next"]] != 0
 
 
