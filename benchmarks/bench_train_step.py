@@ -326,14 +326,7 @@ def loss_components(params: Any, batch: Batch) -> jax.Array:
 def make_runner(method: Method, num_losses: int, params0: Any, batch: Batch, lr: float = 1e-3):
     """``(run_one, get_state)``: one compiled step advancing its own carried state, and a reader."""
     if method.path in ("train_step", "scheduled", "sum_state"):
-        if method.path == "train_step":
-            tx = optax.chain(sj.balance(method.balancer(num_losses)), optax.adam(lr))
-            step = jax.jit(training.make_train_step(loss_components, residuals_fn=residuals))
-        elif method.path == "scheduled":
-            tx = optax.chain(sj.balance(method.balancer(num_losses)), optax.adam(lr))
-            step = training.jit_train_step(loss_components, residuals_fn=residuals)
-            step.precompile(training.BalancedTrainState.create(apply_fn=None, params=params0, tx=tx), batch)
-        else:
+        if method.path == "sum_state":
             tx = optax.adam(lr)
 
             def step(state, b):
@@ -341,7 +334,14 @@ def make_runner(method: Method, num_losses: int, params0: Any, batch: Batch, lr:
                 return state.apply_gradients(grads=grads), {"loss": loss}
 
             step = jax.jit(step)
+        else:
+            tx = optax.chain(sj.balance(method.balancer(num_losses)), optax.adam(lr))
         carry = [training.BalancedTrainState.create(apply_fn=None, params=params0, tx=tx)]
+        if method.path == "train_step":
+            step = jax.jit(training.make_train_step(loss_components, residuals_fn=residuals))
+        elif method.path == "scheduled":
+            step = training.jit_train_step(loss_components, residuals_fn=residuals)
+            step.precompile(carry[0], batch)
 
         def run_one():
             carry[0], metrics = step(carry[0], batch)

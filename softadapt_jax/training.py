@@ -145,7 +145,9 @@ def make_train_step(
         (default) decides on the device, from the balancer's
         ``recompute_next``, with a ``lax.cond``; ``True`` builds the step that
         always computes the statistic; ``False`` the step that never does (a
-        balancer that is due then keeps its weights). :func:`jit_train_step`
+        balancer that is due then gets a statistic of zeros, which the
+        built-in gradient-statistics rules take as no new estimate, so they
+        keep their weights). :func:`jit_train_step`
         compiles the last two and picks one on the host. Ignored for other
         balancers.
 
@@ -230,7 +232,8 @@ def make_train_step(
             return balanced_step(state, batch, stats.astype(zeros.dtype))
 
         def without_statistic(state: BalancedTrainState, batch: Any) -> tuple[BalancedTrainState, Metrics]:
-            # Zeros make every estimate non-finite, so a due balancer keeps its weights.
+            # Zeros give non-finite estimates (learning-rate annealing's reference keeps its
+            # fixed 1), which the built-in rules skip: a due balancer keeps its weights.
             return balanced_step(state, batch, zeros)
 
         if recompute is not None:
