@@ -1,14 +1,15 @@
 """Gradient statistics that gradient-based weightings need, computed only when asked.
 
 Learning-rate annealing, gradient-norm and NTK weighting look at the
-per-component gradients, which cost K backward passes (one vmapped VJP). The
-balancers that use them set ``recompute_next`` in their state; the train step
-(:func:`softadapt_jax.training.make_train_step`) branches on that flag with
-``lax.cond``, or :func:`softadapt_jax.training.jit_train_step` picks one of two
-compiled steps on the host, so the other steps pay one backward pass only. On the recompute
-steps it takes ``"grad_abs"`` and ``"grad_norm"`` from the same K backward
-passes that give the step's gradient (:func:`statistic_from_grads`);
-:func:`compute_statistic` is the stand-alone form.
+per-component gradients, which cost K backward passes (K VJPs of one forward
+pass). The balancers that use them set ``recompute_next`` in their state; the
+train step (:func:`softadapt_jax.training.make_train_step`) branches on that
+flag with ``lax.cond``, or :func:`softadapt_jax.training.jit_train_step` picks
+one of two compiled steps on the host, so the other steps pay one backward
+pass only. On the recompute steps the train step takes ``"grad_abs"`` and
+``"grad_norm"`` from the same K backward passes that give the step's gradient
+(:func:`statistic_from_grads`); :func:`compute_statistic` is the stand-alone
+form.
 
 Statistics (``kind``):
 
