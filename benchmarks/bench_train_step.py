@@ -10,8 +10,12 @@ The model is PINN-sized: an MLP 2 -> 64 -> 64 -> 64 -> 1 with tanh, a batch of
 1024 points and K = 4 loss terms (MSEs against four different targets on the
 four disjoint quarters of the batch, at scales 1, 10, 0.1 and 1; the batch is
 the pytree ``(xs, ys)`` of the K slices, and every row computes the losses with
-the same function: one forward pass over the concatenated slices). Every row
-is one jitted train step followed by ``optax.adam(1e-3)``:
+the same function). ``--residual-layout`` picks how that function computes
+them: ``per_term`` (default) runs one forward pass per term on its own slice,
+as PINN losses are written (a PDE residual and each boundary term on their own
+point sets, as in :mod:`softadapt_jax.problems`); ``shared`` runs one forward
+pass over the concatenated slices and splits it into the terms. Every row is
+one jitted train step followed by ``optax.adam(1e-3)``:
 
 * ``sum``: ``jax.value_and_grad`` of ``sum_k L_k`` on a plain
   ``(params, opt_state)`` pair -- THE baseline (always run);
@@ -301,21 +305,48 @@ def make_batch(key: jax.Array, batch: int, num_losses: int) -> Batch:
     return xs, tuple(funcs[k % len(funcs)](p) for k, p in enumerate(xs))
 
 
-def residuals(params: Any, batch: Batch) -> list[jax.Array]:
-    """K arrays of per-point residuals ``sqrt(scale_k) * (u(x_k) - y_k)``: ``mean(r_k**2) = L_k``.
-
-    One forward pass over the concatenated slices (the same cost as a single
-    batch of all points), split back into the K terms.
-    """
-    xs, ys = batch
-    residual = mlp(params, jnp.concatenate(xs)) - jnp.concatenate(ys)
-    parts = jnp.split(residual, np.cumsum([len(y) for y in ys])[:-1])
+def _scaled(parts: list[jax.Array]) -> list[jax.Array]:
     return [np.sqrt(SCALES[k % len(SCALES)]) * r for k, r in enumerate(parts)]
 
 
-def loss_components(params: Any, batch: Batch) -> jax.Array:
-    """``[K]`` MSEs on the K disjoint slices of the batch, at scales 1, 10, 0.1, 1."""
-    return jnp.stack([jnp.mean(r**2) for r in residuals(params, batch)])
+def residuals_per_term(params: Any, batch: Batch) -> list[jax.Array]:
+    """K arrays of per-point residuals ``sqrt(scale_k) * (u(x_k) - y_k)``: ``mean(r_k**2) = L_k``.
+
+    One forward pass per term, on that term's own points: how PINN losses are
+    written (a PDE residual and boundary terms on their own point sets, as in
+    :mod:`softadapt_jax.problems`).
+    """
+    xs, ys = batch
+    return _scaled([mlp(params, x) - y for x, y in zip(xs, ys, strict=True)])
+
+
+def residuals_shared(params: Any, batch: Batch) -> list[jax.Array]:
+    """The same residuals from one forward pass over the concatenated slices, split back into K terms."""
+    xs, ys = batch
+    residual = mlp(params, jnp.concatenate(xs)) - jnp.concatenate(ys)
+    return _scaled(jnp.split(residual, np.cumsum([len(y) for y in ys])[:-1]))
+
+
+RESIDUAL_LAYOUTS: dict[str, Callable[[Any, Batch], list[jax.Array]]] = {
+    "per_term": residuals_per_term,
+    "shared": residuals_shared,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Terms:
+    """The loss terms every row trains on, in one residual layout.
+
+    Attributes:
+      residuals: ``(params, batch) -> K`` per-point residual arrays (the NTK ``residuals_fn``).
+      loss_components: ``(params, batch) -> [K]`` MSEs on the K disjoint slices of the
+        batch, at scales 1, 10, 0.1, 1: the mean squares of ``residuals``.
+    """
+
+    residuals: Callable[[Any, Batch], list[jax.Array]]
+
+    def loss_components(self, params: Any, batch: Batch) -> jax.Array:
+        return jnp.stack([jnp.mean(r**2) for r in self.residuals(params, batch)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,8 +354,9 @@ def loss_components(params: Any, batch: Batch) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 
 
-def make_runner(method: Method, num_losses: int, params0: Any, batch: Batch, lr: float = 1e-3):
+def make_runner(method: Method, terms: Terms, num_losses: int, params0: Any, batch: Batch, lr: float = 1e-3):
     """``(run_one, get_state)``: one compiled step advancing its own carried state, and a reader."""
+    loss_components, residuals = terms.loss_components, terms.residuals
     if method.path in ("train_step", "scheduled", "sum_state"):
         if method.path == "sum_state":
             tx = optax.adam(lr)
@@ -384,11 +416,11 @@ def make_runner(method: Method, num_losses: int, params0: Any, batch: Batch, lr:
     return run_one, lambda: tuple(carry)
 
 
-def check_paths_agree(num_losses: int, params: Any, batch: Batch, steps: int = 8) -> float:
+def check_paths_agree(terms: Terms, num_losses: int, params: Any, batch: Batch, steps: int = 8) -> float:
     """Paths (a) and (b) give the same parameters (the benchmark compares equal computations)."""
     results = []
     for name in ("softadapt", "softadapt_per_component"):
-        run_one, get = make_runner(METHODS[name], num_losses, params, batch)
+        run_one, get = make_runner(METHODS[name], terms, num_losses, params, batch)
         for _ in range(steps):
             run_one()
         results.append(get()[0])
@@ -399,7 +431,7 @@ def check_paths_agree(num_losses: int, params: Any, batch: Batch, steps: int = 8
     return worst
 
 
-def check_residuals(params: Any, batch: Batch) -> float:
+def check_residuals(residuals: Callable[[Any, Batch], list[jax.Array]], params: Any, batch: Batch) -> float:
     """``residuals_fn`` works one row at a time and reproduces the loss terms point by point."""
     whole = residuals(params, batch)
     one_row = [residuals(params, jax.tree.map(lambda a, i=i: a[i : i + 1], batch)) for i in range(3)]
@@ -545,6 +577,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--num-losses", type=int, default=4)
     parser.add_argument(
+        "--residual-layout",
+        choices=tuple(RESIDUAL_LAYOUTS),
+        default="per_term",
+        help="per_term: one forward pass per loss term (how PINN losses are written; default); "
+        "shared: one forward pass over all K slices, split into the terms",
+    )
+    parser.add_argument(
         "--processes",
         type=int,
         default=1,
@@ -580,16 +619,19 @@ def main() -> None:
     key_params, key_data = jax.random.split(jax.random.PRNGKey(0))
     params0 = init_mlp(key_params)
     batch = make_batch(key_data, args.batch, k)
+    terms = Terms(RESIDUAL_LAYOUTS[args.residual_layout])
     num_params = sum(p.size for p in jax.tree.leaves(params0))
 
     path_diff = None
     if {"softadapt", "softadapt_per_component"} <= set(names):
-        path_diff = check_paths_agree(k, params0, batch)
-    res_err = check_residuals(params0, batch) if any(n.startswith("ntk") for n in names) else None
+        path_diff = check_paths_agree(terms, k, params0, batch)
+    res_err = None
+    if any(n.startswith("ntk") for n in names):
+        res_err = check_residuals(terms.residuals, params0, batch)
 
     runners, readers, number = {}, {}, {}
     for name in names:
-        runners[name], readers[name] = make_runner(METHODS[name], k, params0, batch)
+        runners[name], readers[name] = make_runner(METHODS[name], terms, k, params0, batch)
         block(runners[name]())  # compile
         # Rows with update_every = 1 do the same work on every step, so any chain is fair: a row
         # whose step is too slow for `steps` per round (ntk_every1) runs a shorter one.
@@ -653,7 +695,8 @@ def main() -> None:
     print(f"## bench_train_step{' (--quick)' if args.quick else ''}\n")
     print(machine + "\n")
     notes = [
-        f"MLP 2-64-64-64-1 tanh ({num_params:,} parameters), batch {args.batch}, K={k} losses, adam(1e-3); "
+        f"MLP 2-64-64-64-1 tanh ({num_params:,} parameters), batch {args.batch}, K={k} losses "
+        f"(residual layout `{args.residual_layout}`), adam(1e-3); "
         f"median of {repeats} interleaved rounds of {steps} consecutive dependent steps per method "
         f"(every round of an n={STAT_EVERY} row holds exactly {steps // STAT_EVERY} recompute step(s))."
     ]

@@ -194,8 +194,9 @@ def ntk_balancer(
       update_every: recompute every n steps.
       max_points: estimate each trace from at most this many points (the
         first rows of every batch leaf; ``None``: as many as the smallest leaf
-        has). Each point costs a one-row forward pass and K backward passes,
-        so the cost of a recompute step grows linearly with it.
+        has). Each point costs K one-row VJPs, one per residual term (each
+        through that term's part of the network pass only, when the terms
+        are computed apart), so a recompute step's cost grows linearly with it.
       setpoint: optional ``[K]`` prior coefficients.
       dtype: state dtype.
 
