@@ -112,8 +112,8 @@ def per_component_grads(
         k = _check_losses(losses)
         # A NumPy eye is a compile-time constant: XLA then folds the zeros of each
         # one-hot cotangent and drops the backward work of the other components
-        # (measured 1.3-1.5x a plain gradient for K = 4 PINN terms with their own
-        # forward passes, against 2.2-3.4x with a traced eye).
+        # (the looped K VJPs of the library's PINN problems measured 1.5x a plain
+        # gradient, against 2.5-3.3x with a traced eye; benchmarks/bench_statistics.py).
         eye = np.eye(k, dtype=losses.dtype)
         if vmap_vjps:
             (grads,) = jax.vmap(vjp_fn)(eye)
