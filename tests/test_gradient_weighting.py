@@ -66,6 +66,36 @@ def test_statistics_match_hand_computation() -> None:
         np.testing.assert_allclose(traces[k], want, rtol=1e-5)
 
 
+def test_ntk_trace_backward_pass_of_each_term_skips_the_other_terms() -> None:
+    # PINN residual terms usually have their own forward passes. The NTK statistic must take
+    # one VJP per term, so that term k's VJP never runs the backward pass of term j != k
+    # (counted at trace time: each term's custom_vjp backward rule is traced once per VJP).
+    traced = [0, 0, 0]
+
+    def tapped(j: int):
+        @jax.custom_vjp
+        def tap(p):
+            return p
+
+        def bwd(_, g):
+            traced[j] += 1
+            return (g,)
+
+        tap.defvjp(lambda p: (p, None), bwd)
+        return tap
+
+    taps = [tapped(j) for j in range(3)]
+
+    def separate_residuals(params: dict, batch: jax.Array) -> tuple[jax.Array, ...]:
+        return tuple(residuals(taps[j](params), batch)[j] for j in range(3))
+
+    params = init_params()
+    traces = compute_statistic("ntk_trace", loss_components, params, X, residuals_fn=separate_residuals)
+    assert traced == [1, 1, 1]
+    expected = compute_statistic("ntk_trace", loss_components, params, X, residuals_fn=residuals)
+    np.testing.assert_allclose(traces, expected, rtol=1e-5)
+
+
 def test_looped_per_component_grads_equal_jacrev() -> None:
     # The statistics use the looped VJPs (vmap_vjps=False); check that path against jacrev.
     params = init_params()

@@ -3,7 +3,7 @@
 Gradient-level methods (PCGrad, MGDA, CAGrad, GradNorm) need the gradient of
 every loss component separately. :func:`per_component_grads` computes them as
 K vector-Jacobian products of the loss vector, one per one-hot cotangent,
-batched with ``jax.vmap`` over ``jnp.eye(K)``: one forward pass, K backward
+batched with ``jax.vmap`` over the rows of the identity: one forward pass, K backward
 passes run as one batched pass. Every leaf of the result has a leading axis of
 size K (the layout ``jax.jacrev`` gives), which is the ``updates`` layout the
 combiners in :mod:`softadapt_jax.gradients.combiners` expect.
@@ -62,7 +62,7 @@ def per_component_grads(
     """The gradient of every loss component, stacked on a leading axis K.
 
     ``grads[k] = d L_k / d x`` for ``x = args[argnums]``, computed as
-    ``jax.vmap(vjp_fn)(jnp.eye(K))``: one forward pass and one batched backward
+    ``jax.vmap(vjp_fn)(eye(K))``: one forward pass and one batched backward
     pass. Equal to ``jax.jacrev(loss_components_fn, argnums)`` up to rounding.
 
     Args:
