@@ -43,7 +43,9 @@ one jitted train step followed by ``optax.adam(1e-3)``:
   ``lax.cond``), and with ``update_every=1`` (rows ``*_every1``: the statistic
   on every step, so its own cost is visible), plus ``grad_norm_hold``
   (``update_every=10**9``: only the hold step ever runs, which isolates what a
-  hold step costs against ``fixed``). ``ntk`` gets
+  hold step costs against ``fixed``) and ``grad_norm_hold_wrapped`` (that hold
+  step inside ``lax.cond(pred, hold, hold)``: what a conditional around the
+  step does to its speed on this backend). ``ntk`` gets
   ``residuals_fn(params, batch) -> K arrays``, the per-point residuals
   ``sqrt(scale_k) * (u(x_k) - y_k)`` on the K slices, whose mean squares are
   the K loss terms (the loss function is built on it); row i of every slice is
@@ -152,8 +154,11 @@ class Method:
         (path (b): one backward pass of ``sum_k w_k L_k`` with ``get_weights``),
         ``"per_component"`` (path (a): stacked per-component gradients),
         ``"train_step"`` (``jax.jit(training.make_train_step)`` with
-        ``balance(balancer)``) or ``"scheduled"`` (``training.jit_train_step``,
-        both steps compiled before timing).
+        ``balance(balancer)``), ``"scheduled"`` (``training.jit_train_step``,
+        both steps compiled before timing) or ``"wrapped_hold"`` (the hold step,
+        ``make_train_step(recompute=False)``, inside a ``lax.cond`` whose two
+        branches are that same step: a probe of what the conditional itself
+        does to the step's speed).
       transform: for ``"weighted"``/``"per_component"``: ``K -> optax transform``
         put before adam in an ``optax.chain``.
       balancer: for ``"train_step"`` and ``"scheduled"``: ``K -> Balancer``.
@@ -261,6 +266,12 @@ METHODS: dict[str, Method] = {
         balancer=lambda k: sj.grad_norm_balancer(num_losses=k, update_every=10**9),
         update_every=10**9,
     ),
+    "grad_norm_hold_wrapped": Method(
+        "jit(lax.cond(pred, hold, hold)): the hold step in a conditional with two equal branches",
+        "wrapped_hold",
+        balancer=lambda k: sj.grad_norm_balancer(num_losses=k, update_every=10**9),
+        update_every=10**9,
+    ),
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -357,7 +368,7 @@ class Terms:
 def make_runner(method: Method, terms: Terms, num_losses: int, params0: Any, batch: Batch, lr: float = 1e-3):
     """``(run_one, get_state)``: one compiled step advancing its own carried state, and a reader."""
     loss_components, residuals = terms.loss_components, terms.residuals
-    if method.path in ("train_step", "scheduled", "sum_state"):
+    if method.path in ("train_step", "scheduled", "sum_state", "wrapped_hold"):
         if method.path == "sum_state":
             tx = optax.adam(lr)
 
@@ -374,6 +385,10 @@ def make_runner(method: Method, terms: Terms, num_losses: int, params0: Any, bat
         elif method.path == "scheduled":
             step = training.jit_train_step(loss_components, residuals_fn=residuals)
             step.precompile(carry[0], batch)
+        elif method.path == "wrapped_hold":
+            hold = training.make_train_step(loss_components, residuals_fn=residuals, recompute=False)
+            # The predicate is data (never true in a benchmark run), so XLA keeps the conditional.
+            step = jax.jit(lambda state, b: jax.lax.cond(state.step < 2**30, hold, hold, state, b))
 
         def run_one():
             carry[0], metrics = step(carry[0], batch)
@@ -468,7 +483,7 @@ def check_held(name: str, state: Any) -> None:
 
 
 def _fmt_every(method: Method) -> str:
-    if method.path not in ("train_step", "scheduled"):
+    if method.path not in ("train_step", "scheduled", "wrapped_hold"):
         return ""
     return "never" if method.update_every >= 10**9 else str(method.update_every)
 
@@ -602,7 +617,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown method(s) {unknown}; known: {list(METHODS)}")
     chosen = {BASELINE, *names}
-    if any(METHODS[n].path in ("train_step", "scheduled") for n in names):
+    if any(METHODS[n].path in ("train_step", "scheduled", "wrapped_hold") for n in names):
         chosen.add(STRUCTURED_BASELINE)
     names = [n for n in METHODS if n in chosen]  # table order
     if args.steps < STAT_EVERY or args.steps % STAT_EVERY:
