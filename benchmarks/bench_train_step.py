@@ -141,6 +141,8 @@ GRADIENT_STATISTICS = ("lr_annealing", "grad_norm", "ntk")
 # The same methods through jax.jit(make_train_step): the recompute decision on the device.
 ON_DEVICE_ROWS = tuple(f"{n}_cond" for n in GRADIENT_STATISTICS)
 ROUND_BUDGET_S = 0.5  # an update_every=1 row whose steps are slower runs a shorter chain
+# Paths whose step is the library's train step on a BalancedTrainState with a balancer.
+BALANCER_PATHS = ("train_step", "scheduled", "wrapped_hold")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +163,7 @@ class Method:
         does to the step's speed).
       transform: for ``"weighted"``/``"per_component"``: ``K -> optax transform``
         put before adam in an ``optax.chain``.
-      balancer: for ``"train_step"`` and ``"scheduled"``: ``K -> Balancer``.
+      balancer: for the paths in :data:`BALANCER_PATHS`: ``K -> Balancer``.
       update_every: how often the balancer recomputes its weights (for the table).
     """
 
@@ -368,7 +370,7 @@ class Terms:
 def make_runner(method: Method, terms: Terms, num_losses: int, params0: Any, batch: Batch, lr: float = 1e-3):
     """``(run_one, get_state)``: one compiled step advancing its own carried state, and a reader."""
     loss_components, residuals = terms.loss_components, terms.residuals
-    if method.path in ("train_step", "scheduled", "sum_state", "wrapped_hold"):
+    if method.path in (*BALANCER_PATHS, "sum_state"):
         if method.path == "sum_state":
             tx = optax.adam(lr)
 
@@ -483,7 +485,7 @@ def check_held(name: str, state: Any) -> None:
 
 
 def _fmt_every(method: Method) -> str:
-    if method.path not in ("train_step", "scheduled", "wrapped_hold"):
+    if method.path not in BALANCER_PATHS:
         return ""
     return "never" if method.update_every >= 10**9 else str(method.update_every)
 
@@ -617,7 +619,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown method(s) {unknown}; known: {list(METHODS)}")
     chosen = {BASELINE, *names}
-    if any(METHODS[n].path in ("train_step", "scheduled", "wrapped_hold") for n in names):
+    if any(METHODS[n].path in BALANCER_PATHS for n in names):
         chosen.add(STRUCTURED_BASELINE)
     names = [n for n in METHODS if n in chosen]  # table order
     if args.steps < STAT_EVERY or args.steps % STAT_EVERY:
