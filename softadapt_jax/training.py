@@ -241,8 +241,9 @@ def make_train_step(
 
         # The whole step goes under the cond, not just the statistic: on XLA:CPU, work
         # beside a cond ran 20-40% slower than the same work alone (micro-benchmark), while
-        # under a cond around everything a hold step costs 1.02x a fixed-weight step
-        # (jit_train_step's hold step, no cond: 0.99x; benchmarks/RESULTS.md, section 2).
+        # under a cond around everything a hold step measured 0.90x a fixed-weight step with
+        # one forward pass per loss term and 1.02x with one shared forward pass
+        # (benchmarks/RESULTS.md, section 2).
         return jax.lax.cond(due, with_statistic, without_statistic, state, batch)
 
     return step
