@@ -284,9 +284,11 @@ def _read_schedule(bstate: Any) -> _Schedule | None:
     schedule = getattr(bstate.method_state, "schedule", None)
     if schedule is None:
         return None
-    # One read of the stored counters (replica 0 of a replicated state), not one per field.
-    counters = np.asarray(bstate.counters).reshape(-1, bstate.counters.shape[-1])[0]
-    filled, count, accum_count = (int(counters[i]) for i in (0, 1, 3))
+    # Replica 0 of a replicated state; one transfer for the three counters.
+    filled, count, accum_count = (
+        int(np.asarray(c).reshape(-1)[0])
+        for c in jax.device_get((bstate.filled, bstate.count, bstate.accum_count))
+    )
     return _Schedule(count, filled, accum_count, *schedule)
 
 

@@ -328,30 +328,15 @@ def test_accuracy_order_too_large_for_window_raises():
         softadapt_balancer(num_losses=K, window=5, accuracy_order=5)
 
 
-def test_state_fields_are_stored_in_two_arrays() -> None:
-    # Each leaf costs every jitted step an input and an output buffer: ten fields, two arrays.
+def test_state_is_a_plain_named_tuple_of_its_fields() -> None:
     b = softadapt_balancer(0.1, num_losses=K, window=4)
     state = b.init()
-    assert len(jax.tree.leaves(state)) == 2 + len(jax.tree.leaves(state.method_state))
-    assert state.rows.shape == (4 + 3, K) and state.counters.shape == (5,)
-    fields = {
-        "history": jnp.arange(12.0).reshape(4, K),
-        "initial": jnp.array([1.0, 2.0, 3.0]),
-        "accum": jnp.array([4.0, 5.0, 6.0]),
-        "weights": jnp.array([0.2, 0.3, 0.5]),
-        "filled": jnp.int32(3),
-        "count": jnp.int32(7),
-        "rejected": jnp.int32(2),
-        "accum_count": jnp.int32(1),
-        "recompute_next": jnp.bool_(True),
-    }
-    packed = BalancerState.pack(**fields, method_state=state.method_state)
-    replaced = state._replace(**fields)
-    for name, value in fields.items():
-        np.testing.assert_array_equal(getattr(packed, name), value)
-        np.testing.assert_array_equal(getattr(replaced, name), value)
-    assert packed.recompute_next.dtype == jnp.bool_ and packed.count.dtype == jnp.int32
-    chex.assert_trees_all_equal(packed, replaced)
+    assert isinstance(state, BalancerState) and state._fields == (
+        "history", "initial", "filled", "count", "rejected", "accum", "accum_count", "weights",
+        "method_state", "recompute_next",
+    )
+    assert state.history.shape == (4, K) and state.weights.shape == (K,)
+    assert state.count.dtype == jnp.int32 and state.recompute_next.dtype == jnp.bool_
 
 
 def test_fields_of_a_batched_state_keep_the_batch_axis() -> None:
@@ -365,5 +350,83 @@ def test_fields_of_a_batched_state_keep_the_batch_axis() -> None:
 
 
 def test_replace_unknown_field_raises() -> None:
-    with pytest.raises(ValueError, match="BalancerState has no field 'weight'"):
+    with pytest.raises(ValueError, match="weight"):
         softadapt_balancer(0.1, num_losses=K).init()._replace(weight=jnp.ones(K))
+
+
+# ----------------------------------------------------------------------------- groups and update_first
+def _mean_rule(history, initial, method_state):
+    """A rule whose weights are the newest entry itself: it shows exactly what the rule saw."""
+    del initial
+    return history[-1], method_state
+
+
+def test_groups_sum_losses_and_share_one_weight() -> None:
+    groups = (0, 1, 1, 2, 1)
+    b = make_balancer(_mean_rule, num_losses=5, window=1, weights_sum=3.0, groups=groups)
+    assert b.groups == groups and b.num_losses == 5
+    state = b.init()
+    assert state.history.shape == (1, 3) and state.weights.shape == (5,)
+    np.testing.assert_allclose(state.weights, np.ones(5))  # uniform on the groups' scale: 3 / 3
+    losses = jnp.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    weights, state = b.update(losses, state)
+    np.testing.assert_allclose(state.history[-1], [1.0, 10.0, 4.0])
+    np.testing.assert_allclose(weights, [1.0, 10.0, 10.0, 4.0, 10.0])
+
+
+def test_groups_setpoint_is_per_term_and_nonfinite_term_rejects_the_step() -> None:
+    b = make_balancer(
+        _mean_rule, num_losses=3, window=1, weights_sum=2.0, groups=[1, 0, 1], setpoint=[1.0, 2.0, 3.0]
+    )
+    weights, state = b.update(jnp.array([1.0, 2.0, 3.0]), b.init())
+    np.testing.assert_allclose(weights, [4.0 * 1.0, 2.0 * 2.0, 4.0 * 3.0])
+    _, state2 = b.update(jnp.array([1.0, jnp.inf, 3.0]), state)
+    assert int(state2.rejected) == 1
+    np.testing.assert_array_equal(state2.weights, state.weights)
+
+
+@pytest.mark.parametrize(
+    ("groups", "error", "match"),
+    [
+        ((0, 1), ValueError, r"one group id per loss term \(length num_losses=3\), got length 2"),
+        ((0, 2, 2), ValueError, r"each of the ids 0..G-1.*got ids \[0, 2\]"),
+        ((0, 1.5, 1), TypeError, r"`groups` must hold ints"),
+        (jnp.array([0, 1, 1]), TypeError, r"`groups` is static configuration"),
+        (3, TypeError, r"`groups` must be a sequence of 3 ints"),
+    ],
+)
+def test_groups_errors_name_the_argument(groups, error, match) -> None:
+    with pytest.raises(error, match=match):
+        make_balancer(_mean_rule, num_losses=3, window=1, weights_sum=1.0, groups=groups)
+
+
+def test_group_helpers() -> None:
+    from softadapt_jax.balancers.base import expand_groups, group_count, group_sum
+
+    assert group_count(4, None) == 4 and group_count(4, [0, 0, 1, 0]) == 2
+    x = jnp.arange(8.0).reshape(4, 2)
+    np.testing.assert_allclose(group_sum(x, (0, 0, 1, 0)), [[0 + 2 + 6, 1 + 3 + 7], [4, 5]])
+    np.testing.assert_allclose(expand_groups(jnp.array([7.0, 9.0]), (1, 0, 1)), [9.0, 7.0, 9.0])
+    assert group_sum(x, None) is x
+
+
+@pytest.mark.parametrize(("update_first", "expected_steps"), [(False, [2, 5, 8]), (True, [0, 3, 6, 9])])
+def test_update_first_moves_the_recompute_steps(update_first, expected_steps) -> None:
+    calls = []
+
+    def counting_rule(history, initial, method_state):
+        return history[-1], method_state + 1
+
+    b = make_balancer(
+        counting_rule, num_losses=2, window=1, weights_sum=2.0, init_method_state=jnp.int32(0),
+        update_every=3, update_first=update_first,
+    )
+    state = b.init()
+    for step in range(10):
+        due = bool(state.recompute_next)
+        before = int(state.method_state)
+        _, state = b.update(jnp.array([1.0, 2.0]), state)
+        assert (int(state.method_state) == before + 1) == due
+        if due:
+            calls.append(step)
+    assert calls == expected_steps

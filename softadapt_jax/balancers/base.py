@@ -18,6 +18,8 @@ scheduling every method needs:
   ``rejected`` counts it.
 * ``setpoint``: fixed prior coefficients that multiply the adaptive weights,
   so a user's intended ratio between losses is kept.
+* ``groups``: terms that share one weight (a PINN's boundary edges, say): the
+  rule sees one summed loss per group, and each term gets its group's weight.
 
 Gradient-statistics methods (learning-rate annealing, gradient-norm and NTK
 weighting) also need a statistic of the per-component gradients, but only on
@@ -44,132 +46,46 @@ from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from softadapt_jax import _checks
 
 PyTree = Any
 
 
-# Where each named field lives in the two stored arrays (see BalancerState).
-_ROW_FIELDS: dict[str, int] = {"initial": -3, "accum": -2, "weights": -1}  # rows after the history
-_COUNTER_FIELDS: dict[str, int] = {
-    "filled": 0,
-    "count": 1,
-    "rejected": 2,
-    "accum_count": 3,
-    "recompute_next": 4,
-}
-NUM_SUMMARY_ROWS = len(_ROW_FIELDS)
+class BalancerState(NamedTuple):
+    """State of any loss-statistics balancer (G = number of weight groups, K = number of terms).
 
-
-class _StoredBalancerState(NamedTuple):
-    rows: jax.Array
-    counters: jax.Array
-    method_state: PyTree
-
-
-def _row_property(name: str) -> property:
-    def get(self: _StoredBalancerState) -> jax.Array:
-        return self.rows[..., _ROW_FIELDS[name], :]
-
-    return property(get, doc=f"``[K]`` {name}, stored in ``rows``.")
-
-
-def _counter_property(name: str) -> property:
-    def get(self: _StoredBalancerState) -> jax.Array:
-        return self.counters[..., _COUNTER_FIELDS[name]]
-
-    return property(get, doc=f"int32 {name}, stored in ``counters``.")
-
-
-class BalancerState(_StoredBalancerState):
-    """State of any loss-statistics balancer.
-
-    Every leaf of the optimizer state is an input and an output buffer of each
-    jitted train step, at a few µs of host and device time per leaf on CPU, so
-    the ten named fields below are stored in two arrays (plus the method's
-    state): ``rows`` ``[window + 3, K]`` (the history, then ``initial``,
-    ``accum`` and ``weights``) and ``counters`` int32 ``[5]`` (``filled``,
-    ``count``, ``rejected``, ``accum_count``, ``recompute_next``). Read the
-    fields as attributes; :meth:`pack` builds a state from them and
-    ``_replace`` accepts them. Leading batch axes (a ``vmap``-ped or
-    ``pmap``-replicated state) are kept by both.
+    Without ``groups`` every term is its own group and G = K. Leading batch
+    axes (a ``vmap``-ped or ``pmap``-replicated state) are kept on every field.
 
     Attributes:
-      history: ``[window, K]`` recent loss entries, oldest first (float32, or
+      history: ``[window, G]`` recent loss entries, oldest first (float32, or
         the dtype given to the balancer). Entries not yet filled are 0.
-      initial: ``[K]`` the first history entry pushed (0 before that); the
+      initial: ``[G]`` the first history entry pushed (0 before that); the
         reference of rules that compare with the initial losses.
       filled: int32, number of valid history entries (<= window).
       count: int32, number of accepted steps.
       rejected: int32, number of steps rejected for non-finite losses.
-      accum: ``[K]`` sum of the losses accumulated towards the next entry.
+      accum: ``[G]`` sum of the losses accumulated towards the next entry.
       accum_count: int32, number of steps in ``accum``.
-      weights: ``[K]`` current weights (already multiplied by the set-point).
+      weights: ``[K]`` current weights, one per term (already multiplied by the
+        set-point).
       method_state: method-specific pytree (PRNG key, moving averages, ...).
       recompute_next: bool, whether the next accepted step will apply the rule
         (so a caller computes gradient statistics only then).
     """
 
-    __slots__ = ()
-
-    @classmethod
-    def pack(
-        cls,
-        *,
-        history: jax.Array,
-        initial: jax.Array,
-        filled: jax.Array,
-        count: jax.Array,
-        rejected: jax.Array,
-        accum: jax.Array,
-        accum_count: jax.Array,
-        weights: jax.Array,
-        method_state: PyTree,
-        recompute_next: jax.Array,
-    ) -> BalancerState:
-        """A state from its named fields (``history`` sets the float dtype)."""
-        dtype = jnp.asarray(history).dtype
-        summary = [jnp.asarray(v, dtype)[..., None, :] for v in (initial, accum, weights)]
-        rows = jnp.concatenate([jnp.asarray(history), *summary], axis=-2)
-        ints = (filled, count, rejected, accum_count, recompute_next)
-        counters = jnp.stack([jnp.asarray(v).astype(jnp.int32) for v in ints], axis=-1)
-        return cls(rows, counters, method_state)
-
-    def _replace(self, **changes: Any) -> BalancerState:
-        rows, counters = self.rows, self.counters
-        if changes.keys() - {"method_state"}:  # states can hold NumPy arrays (e.g. after device_get)
-            rows, counters = jnp.asarray(rows), jnp.asarray(counters)
-        for name, value in changes.items():
-            if name == "history":
-                rows = rows.at[..., :-NUM_SUMMARY_ROWS, :].set(jnp.asarray(value, rows.dtype))
-            elif name in _ROW_FIELDS:
-                rows = rows.at[..., _ROW_FIELDS[name], :].set(jnp.asarray(value, rows.dtype))
-            elif name in _COUNTER_FIELDS:
-                counters = counters.at[..., _COUNTER_FIELDS[name]].set(jnp.asarray(value).astype(jnp.int32))
-            elif name not in _StoredBalancerState._fields:
-                raise ValueError(f"BalancerState has no field {name!r}.")
-        stored = {"rows": rows, "counters": counters, "method_state": self.method_state}
-        stored.update((k, v) for k, v in changes.items() if k in stored)
-        return BalancerState(**stored)
-
-    @property
-    def history(self) -> jax.Array:
-        """``[window, K]``, stored in ``rows``."""
-        return self.rows[..., :-NUM_SUMMARY_ROWS, :]
-
-    initial = _row_property("initial")
-    accum = _row_property("accum")
-    weights = _row_property("weights")
-    filled = _counter_property("filled")
-    count = _counter_property("count")
-    rejected = _counter_property("rejected")
-    accum_count = _counter_property("accum_count")
-
-    @property
-    def recompute_next(self) -> jax.Array:
-        """bool, stored in ``counters`` as 0 or 1."""
-        return self.counters[..., _COUNTER_FIELDS["recompute_next"]] != 0
+    history: jax.Array  # [window, G] float
+    initial: jax.Array  # [G] float
+    filled: jax.Array  # [] int32
+    count: jax.Array  # [] int32
+    rejected: jax.Array  # [] int32
+    accum: jax.Array  # [G] float
+    accum_count: jax.Array  # [] int32
+    weights: jax.Array  # [K] float
+    method_state: PyTree
+    recompute_next: jax.Array  # [] bool
 
 
 class WeightRule(Protocol):
@@ -197,6 +113,10 @@ class Balancer(NamedTuple):
       name: a short name for tables and logs.
       statistic: ``None`` for loss-statistics methods, else the name of the
         gradient statistic the rule needs (see :mod:`softadapt_jax.statistics`).
+      groups: ``None`` (every term its own weight) or the static length-K
+        tuple of group ids: terms of one group share one weight, computed from
+        their summed loss (and, for gradient statistics, from the gradient of
+        that sum).
     """
 
     init: Callable[[], BalancerState]
@@ -205,6 +125,67 @@ class Balancer(NamedTuple):
     weights_sum: float
     name: str
     statistic: str | None = None
+    groups: tuple[int, ...] | None = None
+
+
+def check_groups(groups: Any, num_losses: int) -> tuple[int, ...] | None:
+    """Validates ``groups``: ``None`` or a length-K sequence of int ids using each of 0..G-1.
+
+    Returns:
+      ``None`` or the ids as a tuple of Python ints (static configuration).
+
+    Raises:
+      TypeError: ``groups`` is an array or holds non-integers.
+      ValueError: wrong length, or the ids are not exactly 0..G-1.
+    """
+    if groups is None:
+        return None
+    if isinstance(groups, jax.Array) or isinstance(groups, (str, bytes)):
+        raise TypeError(
+            f"`groups` is static configuration: a sequence of Python ints, got {type(groups).__name__}."
+        )
+    try:
+        ids = tuple(groups)
+    except TypeError:
+        raise TypeError(f"`groups` must be a sequence of {num_losses} ints, got {groups!r}.") from None
+    if any(isinstance(g, bool) or not isinstance(g, (int, np.integer)) for g in ids):
+        raise TypeError(f"`groups` must hold ints (group ids), got {list(ids)!r}.")
+    ids = tuple(int(g) for g in ids)
+    if len(ids) != num_losses:
+        raise ValueError(
+            f"`groups` must give one group id per loss term (length num_losses={num_losses}), "
+            f"got length {len(ids)}: {list(ids)}."
+        )
+    used = sorted(set(ids))
+    if used != list(range(len(used))):
+        raise ValueError(
+            f"`groups` must use each of the ids 0..G-1 (G = number of groups) at least once, "
+            f"got ids {used}."
+        )
+    return ids
+
+
+def group_count(num_losses: int, groups: Any) -> int:
+    """G, the number of weights a balancer's rule computes: K without groups, else the number of ids."""
+    k = _checks.check_positive_int(num_losses, "num_losses")
+    ids = check_groups(groups, k)
+    return k if ids is None else max(ids) + 1
+
+
+def group_sum(values: Any, groups: tuple[int, ...] | None) -> jax.Array:
+    """Sums ``values [K, ...]`` over the terms of each group: ``[G, ...]`` (``values`` when ``groups`` is None)."""
+    if groups is None:
+        return values
+    values = jnp.asarray(values)
+    # segment_sum, not a 0/1 matrix product: an inf in one group must not make 0 * inf = nan in another.
+    return jax.ops.segment_sum(values, np.asarray(groups), num_segments=max(groups) + 1)
+
+
+def expand_groups(group_values: jax.Array, groups: tuple[int, ...] | None) -> jax.Array:
+    """Gives each of the K terms its group's value: ``[G, ...] -> [K, ...]``."""
+    if groups is None:
+        return group_values
+    return jnp.take(group_values, np.asarray(groups), axis=0)
 
 
 def check_losses(losses: Any, num_losses: int, name: str = "losses") -> jax.Array:
@@ -270,62 +251,77 @@ def make_balancer(
     dtype: Any = None,
     name: str = "balancer",
     statistic: str | None = None,
+    groups: Any = None,
+    update_first: bool = False,
 ) -> Balancer:
     """Wraps a weight rule with the shared history, scheduling and robustness.
 
     Args:
-      rule: the method's :class:`WeightRule`.
-      num_losses: K >= 1.
+      rule: the method's :class:`WeightRule`, on G components (the groups).
+      num_losses: K >= 1, the number of loss terms the balancer receives.
       window: number of history entries the rule needs (>= 1).
-      weights_sum: what the rule's weights sum to (1.0 or K); the warm-up
+      weights_sum: what the rule's G weights sum to (1.0 or G); the warm-up
         weights are uniform on that scale.
       init_method_state: the method's initial ``method_state`` pytree.
       update_every: recompute the weights every this many steps (>= 1).
       accumulate: average this many steps into one history entry (>= 1).
       setpoint: optional ``[K]`` non-negative coefficients multiplying the
-        weights (warm-up weights included).
+        weights of the terms (warm-up weights included).
       dtype: history dtype; default float32 (float64 when x64 is enabled).
         Half-precision losses are stored in this dtype, never in half.
       name: label for logs and tables.
       statistic: the gradient statistic the rule needs as its fourth argument
-        (``None``: a pure loss-statistics rule). A method state with a static
-        ``schedule = (window, update_every, accumulate)`` attribute lets
-        :func:`softadapt_jax.training.jit_train_step` predict the recompute
-        steps on the host; without it that step uses the ``lax.cond`` step.
+        (``None``: a pure loss-statistics rule); ``[G, ...]``, one row per group.
+      groups: ``None``, or a length-K sequence of group ids using each of
+        0..G-1: the terms of a group share one weight, and the rule sees the
+        group's summed loss (:func:`group_count`, :func:`group_sum`).
+      update_first: recompute at steps 0, n, 2n, ... (0-based, ``n =
+        update_every``; jaxpi and the learning-rate-annealing authors'
+        schedule) instead of n-1, 2n-1, ... (the rule runs once ``n`` steps of
+        losses have been seen). Either way only once the window is full.
 
     Returns:
-      A :class:`Balancer`.
+      A :class:`Balancer` whose weights are ``[K]``.
     """
     k = _checks.check_positive_int(num_losses, "num_losses")
     window = _checks.check_positive_int(window, "window")
     update_every = _checks.check_positive_int(update_every, "update_every")
     accumulate = _checks.check_positive_int(accumulate, "accumulate")
+    if not isinstance(update_first, bool):
+        raise TypeError(f"`update_first` must be a bool, got {update_first!r}.")
+    group_ids = check_groups(groups, k)
+    g = group_count(k, group_ids)
     prior = check_setpoint(setpoint, k)
     hist_dtype = resolve_dtype(dtype)
+    # Accepted steps before this one, modulo update_every, at which the rule runs.
+    phase = 0 if update_first else update_every - 1
 
-    def apply_setpoint(w: jax.Array) -> jax.Array:
+    def term_weights(w: jax.Array) -> jax.Array:
+        w = expand_groups(w.astype(hist_dtype), group_ids)
         return w if prior is None else w * prior.astype(w.dtype)
 
+    def will_recompute(count: jax.Array, filled: jax.Array, accum_count: jax.Array) -> jax.Array:
+        """Whether the accepted step after a state with these counters applies the rule."""
+        push = accum_count + 1 >= accumulate
+        return push & (jnp.minimum(filled + 1, window) >= window) & (count % update_every == phase)
+
     def init() -> BalancerState:
-        zeros, i32 = jnp.zeros((k,), hist_dtype), jnp.zeros((), jnp.int32)
-        return BalancerState.pack(
-            history=jnp.zeros((window, k), hist_dtype),
+        zeros, i32 = jnp.zeros((g,), hist_dtype), jnp.zeros((), jnp.int32)
+        return BalancerState(
+            history=jnp.zeros((window, g), hist_dtype),
             initial=zeros,
             filled=i32,
             count=i32,
             rejected=i32,
             accum=zeros,
             accum_count=i32,
-            weights=apply_setpoint(jnp.full((k,), weights_sum / k, hist_dtype)),
+            weights=term_weights(jnp.full((g,), weights_sum / g, hist_dtype)),
             method_state=init_method_state,
-            recompute_next=will_recompute(jnp.int32(0), jnp.int32(0), jnp.int32(0)),
+            recompute_next=will_recompute(i32, i32, i32),
         )
 
-    def will_recompute(count: jax.Array, filled: jax.Array, accum_count: jax.Array) -> jax.Array:
-        push = accum_count + 1 >= accumulate
-        return push & (jnp.minimum(filled + 1, window) >= window) & ((count + 1) % update_every == 0)
-
     def accepted_update(losses: jax.Array, state: BalancerState, statistics: Any) -> BalancerState:
+        recompute = will_recompute(state.count, state.filled, state.accum_count)
         accum = state.accum + losses
         accum_count = state.accum_count + 1
         push = accum_count >= accumulate
@@ -334,24 +330,20 @@ def make_balancer(
         initial = jnp.where(push & (state.filled == 0), entry, state.initial)
         filled = jnp.where(push, jnp.minimum(state.filled + 1, window), state.filled)
         count = state.count + 1
-        recompute = push & (filled >= window) & (count % update_every == 0)
 
-        def run_rule(_: None) -> tuple[jax.Array, PyTree]:
+        def run_rule() -> tuple[jax.Array, PyTree]:
             if statistic is None:
                 w, ms = rule(history, initial, state.method_state)
             else:
                 w, ms = rule(history, initial, state.method_state, statistics)
-            return apply_setpoint(w.astype(hist_dtype)), ms
-
-        def hold(_: None) -> tuple[jax.Array, PyTree]:
-            return state.weights, state.method_state
+            return term_weights(w), ms
 
         # Rules are cheap (the expensive gradient statistics are computed by the
         # caller), so both branches are evaluated and selected: a select fuses
         # with its neighbours, where a conditional splits the compiled step.
-        weights, method_state = _select(recompute, run_rule(None), hold(None))
+        weights, method_state = _select(recompute, run_rule(), (state.weights, state.method_state))
         accum_count = jnp.where(push, 0, accum_count)
-        return BalancerState.pack(
+        return BalancerState(
             history=history,
             initial=initial,
             filled=filled,
@@ -364,16 +356,6 @@ def make_balancer(
             recompute_next=will_recompute(count, filled, accum_count),
         )
 
-    # Branches defined once, not per call: lax.cond caches its compilation on
-    # the branch functions, so eager updates do not recompile every step.
-    def accept(operand: tuple[jax.Array, BalancerState, Any]) -> BalancerState:
-        losses, state, statistics = operand
-        return accepted_update(losses, state, statistics)
-
-    def reject(operand: tuple[jax.Array, BalancerState, Any]) -> BalancerState:
-        state = operand[1]
-        return state._replace(rejected=state.rejected + 1)
-
     def update(losses: Any, state: BalancerState, statistics: Any = None) -> tuple[jax.Array, BalancerState]:
         losses = jax.lax.stop_gradient(check_losses(losses, k)).astype(hist_dtype)
         if statistic is not None and statistics is None:
@@ -383,14 +365,18 @@ def make_balancer(
             )
         if statistics is not None:
             statistics = jax.lax.stop_gradient(jnp.asarray(statistics))
-        if state.history.shape != (window, k):
+        if state.history.shape != (window, g) or state.weights.shape != (k,):
             raise ValueError(
-                f"`state.history` has shape {tuple(state.history.shape)}, but this balancer "
-                f"expects [window, K]=({window}, {k}); was the state made by another balancer?"
+                f"`state` has history {tuple(state.history.shape)} and weights "
+                f"{tuple(state.weights.shape)}, but this balancer expects [window, G]=({window}, {g}) "
+                f"and [K]=({k},); was the state made by another balancer?"
             )
-        finite = jnp.all(jnp.isfinite(losses))
-        operand = (jnp.where(finite, losses, 0), state, statistics)
-        state = _select(finite, accept(operand), reject(operand))
+        # A group's sum is non-finite whenever one of its terms is (or the sum overflows).
+        grouped = group_sum(losses, group_ids)
+        finite = jnp.all(jnp.isfinite(grouped))
+        accepted = accepted_update(jnp.where(finite, grouped, 0), state, statistics)
+        rejected = state._replace(rejected=state.rejected + 1)
+        state = _select(finite, accepted, rejected)
         return state.weights, state
 
     return Balancer(
@@ -400,4 +386,5 @@ def make_balancer(
         weights_sum=float(weights_sum),
         name=name,
         statistic=statistic,
+        groups=group_ids,
     )
