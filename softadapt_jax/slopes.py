@@ -79,11 +79,39 @@ def finite_difference_coefficients(accuracy_order: int, stencil: Stencil = "forw
     return tuple(-c for c in reversed(forward))
 
 
-def resolve_accuracy_order(accuracy_order: int | None, num_steps: int) -> int:
+# The largest rounding error a slope may carry, relative to the loss values: the
+# coefficients' absolute sum grows like 2^n / n, and multiplies the rounding error
+# of every history entry, so high orders return noise in low precision.
+MAX_SLOPE_ROUNDING = 2.0**-10
+
+
+@functools.cache
+def max_stable_order(dtype: Any) -> int:
+    """The highest accuracy order whose slope keeps rounding error below ``MAX_SLOPE_ROUNDING``.
+
+    The bound is ``sum_j |c_j| * eps(dtype) <= 2^-10`` (a slope's rounding
+    error, relative to the losses, on exactly representable data); it gives 15
+    in float32 and far more than any window needs in float64.
+    """
+    eps = float(jnp.finfo(dtype).eps)
+    order = 1
+    while order < 512 and _amplification(order + 1) * eps <= MAX_SLOPE_ROUNDING:
+        order += 1
+    return order
+
+
+def _amplification(order: int) -> float:
+    return float(sum(abs(c) for c in finite_difference_coefficients(order)))
+
+
+def resolve_accuracy_order(accuracy_order: int | None, num_steps: int, dtype: Any = None) -> int:
     """Returns the order to use for a history of ``num_steps`` entries.
 
-    ``None`` means ``num_steps - 1`` (all points, as the original). Raises
-    ValueError when the history is too short for the order.
+    ``None`` means ``num_steps - 1`` (all points, as the original), capped at
+    :func:`max_stable_order` of ``dtype`` when one is given: a float32 window of
+    40 gets order 15 (its last 16 entries), since order 39 would amplify the
+    rounding of each entry about 10^10-fold. Raises ValueError when the history
+    is too short for the order, or when an explicit order exceeds that cap.
     """
     if accuracy_order is None:
         if num_steps < 2:
@@ -91,18 +119,25 @@ def resolve_accuracy_order(accuracy_order: int | None, num_steps: int) -> int:
                 f"`history` has T={num_steps} time step(s); a slope needs at least 2 "
                 "(accuracy_order=None uses order T - 1)."
             )
-        return num_steps - 1
+        return num_steps - 1 if dtype is None else min(num_steps - 1, max_stable_order(dtype))
     order = _checks.check_positive_int(accuracy_order, "accuracy_order")
     if order + 1 > num_steps:
         raise ValueError(
             f"`accuracy_order`={order} needs {order + 1} time steps, but `history` has only "
             f"T={num_steps}; use accuracy_order <= {num_steps - 1}."
         )
+    if dtype is not None and order > max_stable_order(dtype):
+        cap = max_stable_order(dtype)
+        raise ValueError(
+            f"`accuracy_order`={order} is too high for {jnp.dtype(dtype).name} losses: its "
+            f"coefficients amplify each entry's rounding error {_amplification(order):.3g}-fold. "
+            f"Use accuracy_order <= {cap} (or float64 histories)."
+        )
     return order
 
 
-def check_history(history: Any, name: str = "history") -> jax.Array:
-    """Validates a ``[T, K]`` history and returns it as a float array."""
+def check_history(history: Any, name: str = "history", num_losses: int | None = None) -> jax.Array:
+    """Validates a ``[T, K]`` history (K = ``num_losses`` when given) and returns it as a float array."""
     arr = _checks.as_float_array(history, name)
     if arr.ndim != 2:
         raise ValueError(
@@ -111,18 +146,32 @@ def check_history(history: Any, name: str = "history") -> jax.Array:
         )
     if arr.shape[1] < 1:
         raise ValueError(f"`{name}` must have K >= 1 loss components, got shape {tuple(arr.shape)}.")
+    if num_losses is not None:
+        k = _checks.check_positive_int(num_losses, "num_losses")
+        if arr.shape[1] != k:
+            hint = (
+                f" It looks components-major [K, T]: pass `{name}.T` (time-major, oldest first)."
+                if arr.shape[0] == k
+                else ""
+            )
+            raise ValueError(
+                f"`{name}` must have shape [T, K] with K = num_losses = {k} columns, got shape "
+                f"{tuple(arr.shape)}.{hint}"
+            )
     return arr
 
 
 def _scaled(history: jax.Array, scale: str, reference: Any) -> jax.Array:
-    if scale == "none":
-        if reference is not None:
-            raise ValueError("`reference` is only used with scale='relative'.")
-        return history
+    """The values whose slopes are taken: raw for ``"none"`` and ``"relative"``, logs for ``"log"``."""
+    if scale != "relative" and reference is not None:
+        raise ValueError("`reference` is only used with scale='relative'.")
     if scale == "log":
-        if reference is not None:
-            raise ValueError("`reference` is only used with scale='relative'.")
         return jnp.log(jnp.maximum(history, jnp.finfo(history.dtype).tiny))
+    return history
+
+
+def _relative_divisor(history: jax.Array, reference: Any) -> jax.Array:
+    """``|r_k|`` for ``scale="relative"``: the reference, or the component's mean; 1 where it is 0."""
     if reference is None:
         ref = jnp.mean(history, axis=0)
     else:
@@ -131,8 +180,7 @@ def _scaled(history: jax.Array, scale: str, reference: Any) -> jax.Array:
             raise ValueError(f"`reference` must have shape [K]={history.shape[1:]}, got {tuple(ref.shape)}.")
     ref = jax.lax.stop_gradient(ref)
     # A zero reference would divide by zero; such a component keeps raw units.
-    safe = jnp.where(ref == 0, 1, ref)
-    return history / jnp.abs(safe)
+    return jnp.abs(jnp.where(ref == 0, 1, ref))
 
 
 def rates_of_change(history: Any, accuracy_order: int | None = None, **options: Any) -> jax.Array:
@@ -172,14 +220,20 @@ def rates_of_change(history: Any, accuracy_order: int | None = None, **options: 
     stencil = _checks.check_choice(options.get("stencil", "forward"), "stencil", STENCILS)
     scale = _checks.check_choice(options.get("scale", "none"), "scale", SLOPE_SCALES)
     hist = check_history(history)
-    order = resolve_accuracy_order(accuracy_order, hist.shape[0])
-    hist = _scaled(hist, scale, options.get("reference"))
+    order = resolve_accuracy_order(accuracy_order, hist.shape[0], hist.dtype)
+    reference = options.get("reference")
+    divisor = _relative_divisor(hist, reference) if scale == "relative" else None
+    hist = _scaled(hist, scale, reference)
     coeffs = finite_difference_coefficients(order, stencil)
     window = hist[hist.shape[0] - (order + 1) :]
     # The coefficients sum to 0 exactly, so differencing against the last row
     # changes nothing in exact arithmetic, but makes a constant history give
     # exactly 0 although the float coefficients do not sum to 0.
-    return weighted_row_sum(window - window[-1], [float(c) for c in coeffs])
+    slopes = weighted_row_sum(window - window[-1], [float(c) for c in coeffs])
+    # Relative slopes divide the raw slopes, not the values: equal values divided
+    # apart can differ in the last bit (XLA may contract into FMAs), which a
+    # constant history would turn into spurious slopes.
+    return slopes if divisor is None else slopes / divisor
 
 
 def weighted_row_sum(rows: jax.Array, coefficients: list[float]) -> jax.Array:

@@ -43,19 +43,39 @@ SOFTADAPT_STATIC_ARGS: tuple[str, ...] = (
 )
 
 
-def _combine(weights: jax.Array, updates: Any, params: Any, num_losses: int) -> Any:
-    def leaf(g: jax.Array, p: Any) -> jax.Array:
-        if g.ndim == 0 or g.shape[0] != num_losses or (p is not None and g.shape[1:] != jnp.shape(p)):
-            expected = "[K, ...]" if p is None else f"{(num_losses, *jnp.shape(p))}"
-            raise ValueError(
-                f"per_component=True expects `updates` stacked on a leading axis of size "
-                f"K={num_losses}; got a leaf of shape {tuple(g.shape)}, expected {expected}."
-            )
-        return jnp.tensordot(weights.astype(g.dtype), g, axes=1)
-
+def _check_update_shapes(updates: Any, params: Any, num_losses: int, per_component: bool) -> None:
+    """Trace-time shape contract between ``updates`` and ``params`` (stacked or not)."""
     if params is None:
-        return jax.tree.map(lambda g: leaf(g, None), updates)
-    return jax.tree.map(leaf, updates, params)
+        if per_component:
+            raise ValueError(
+                "per_component=True needs `params`: only their shapes tell stacked per-component "
+                f"gradients [K={num_losses}, ...] from plain ones. Call "
+                "`tx.update(updates, state, params, losses=losses)`."
+            )
+        return
+    u_leaves, u_def = jax.tree.flatten(updates)
+    p_leaves, p_def = jax.tree.flatten(params)
+    if u_def != p_def:
+        raise ValueError(f"`updates` and `params` must have the same tree structure, got {u_def} and {p_def}.")
+    for i, (g, p) in enumerate(zip(u_leaves, p_leaves, strict=True)):
+        g_shape, p_shape = tuple(jnp.shape(g)), tuple(jnp.shape(p))
+        expected = (num_losses, *p_shape) if per_component else p_shape
+        if g_shape == expected:
+            continue
+        hint = ""
+        if not per_component and g_shape == (num_losses, *p_shape):
+            hint = " It looks stacked per component: build the transform with per_component=True."
+        elif per_component and g_shape == p_shape:
+            hint = " It looks like a plain gradient: build the transform with per_component=False."
+        layout = f"stacked [K={num_losses}, ...] per-component gradients" if per_component else "gradients"
+        raise ValueError(
+            f"`updates` leaf {i} has shape {g_shape}, but {layout} of a parameter of shape {p_shape} "
+            f"have shape {expected}.{hint}"
+        )
+
+
+def _combine(weights: jax.Array, updates: Any) -> Any:
+    return jax.tree.map(lambda g: jnp.tensordot(weights.astype(g.dtype), g, axes=1), updates)
 
 
 def balance(balancer: Balancer, *, per_component: bool = False) -> optax.GradientTransformationExtraArgs:
@@ -101,9 +121,10 @@ def balance(balancer: Balancer, *, per_component: bool = False) -> optax.Gradien
                 f"The {balancer.name} transform needs the current component losses: call "
                 f"`update(updates, state, params, losses=losses)` with `losses` of shape ({k},)."
             )
+        _check_update_shapes(updates, params, k, per_component)
         weights = state.weights
         if per_component:
-            updates = _combine(weights, updates, params, k)
+            updates = _combine(weights, updates)
         _, state = balancer.update(losses, state, statistics)
         return updates, state
 

@@ -112,28 +112,48 @@ def stable_softmax(
     stabiliser is rescaled to ``eps * exp(beta * max x - max z)`` so that the
     result is *identical* to the original's wherever the original is finite
     (``e = e' / a`` with ``a`` that factor). Infinite ``z`` is clipped to the
-    largest finite float first, so no input gives nan or inf. When the
-    denominator is not positive (all priors 0 with ``eps = 0``) the result is
-    uniform.
+    largest finite float first, so no input gives nan or inf. A prior enters
+    the exponent as ``log(prior)``, which changes nothing in exact arithmetic
+    but never forms a huge product whose reciprocal is subnormal (flushed to 0
+    on CPU, which zeroed every weight). Negative or nan prior entries count as
+    0, infinite ones as the largest float. When the denominator is not
+    positive (all priors 0 with ``eps = 0``) the result is uniform.
 
     Args:
-      x: ``[K]`` scores (slopes).
+      x: ``[K]`` scores (slopes), K >= 1.
       beta: scalar temperature multiplying the scores.
-      prior: optional non-negative ``[K]`` factors (the loss-weighted means).
+      prior: optional ``[K]`` factors (the loss-weighted means), >= 0.
       eps: stabiliser of the original (``1e-8``); 0 for an exact simplex.
 
     Returns:
       ``[K]`` non-negative weights summing to at most 1.
+
+    Raises:
+      TypeError: non-numeric ``x`` or ``prior``.
+      ValueError: ``x`` not a ``[K]`` vector with K >= 1, or ``prior`` of another shape.
     """
+    x = _checks.as_float_array(x, "x")
+    if x.ndim != 1 or x.shape[0] < 1:
+        raise ValueError(f"`x` must be a [K] vector of scores with K >= 1, got shape {tuple(x.shape)}.")
     big = jnp.finfo(x.dtype).max
     z = jnp.clip(jnp.nan_to_num(beta * x, nan=0.0), -big, big)
-    z_max = jax.lax.stop_gradient(_reduce(jnp.maximum, z))
-    e = jnp.exp(z - z_max)
-    if prior is not None:
-        e = prior * e
-    # exp(<= 0): underflows to 0 exactly where the original overflows.
+    # The original's shift is beta * max(x); its eps is rescaled by exp(that shift - ours).
     ref_shift = jnp.clip(jnp.nan_to_num(beta * _reduce(jnp.maximum, x), nan=0.0), -big, big)
-    denom = _reduce(jnp.add, e) + eps * jnp.exp(jnp.minimum(ref_shift - z_max, 0.0))
+    if prior is not None:
+        prior = _checks.as_float_array(prior, "prior").astype(x.dtype)
+        if prior.shape != x.shape:
+            raise ValueError(f"`prior` must have the shape of `x`, {tuple(x.shape)}, got {tuple(prior.shape)}.")
+        prior = jnp.clip(jnp.nan_to_num(prior, nan=0.0, posinf=big), 0.0, big)
+        positive = prior > 0
+        log_prior = jnp.log(jnp.where(positive, prior, 1.0))
+        z = jnp.where(positive, jnp.clip(z + log_prior, -big, big), -jnp.inf)
+    z_max = jax.lax.stop_gradient(_reduce(jnp.maximum, z))
+    has_mass = z_max > -jnp.inf
+    z_max = jnp.where(has_mass, z_max, 0.0)
+    e = jnp.exp(z - z_max)
+    # exp(<= 0) without a prior: underflows to 0 exactly where the original overflows.
+    eps_exponent = jnp.minimum(ref_shift - z_max, jnp.log(big))
+    denom = _reduce(jnp.add, e) + eps * jnp.exp(eps_exponent)
     ok = denom > 0
     uniform = jnp.full_like(e, 1.0 / e.shape[0])
     return jnp.where(ok, e / jnp.where(ok, denom, 1.0), uniform)
@@ -162,6 +182,7 @@ def softadapt_weights(
     *,
     variant: Variant = "original",
     accuracy_order: int | None = None,
+    num_losses: int | None = None,
     **options: Any,
 ) -> jax.Array:
     """SoftAdapt weights of K loss components from their recent history.
@@ -177,7 +198,13 @@ def softadapt_weights(
       beta: scalar temperature (an array; may be traced or vmapped).
       variant: ``"original"``, ``"normalized"`` or ``"loss_weighted"``.
       accuracy_order: finite-difference order >= 1 over the last ``order + 1``
-        values; ``None`` (default) uses ``T - 1``, as the original.
+        values; ``None`` (default) uses ``T - 1``, as the original, capped at
+        15 in float32 (:func:`softadapt_jax.slopes.max_stable_order`: a higher
+        order's slope would carry more rounding error than signal); an
+        explicit order above that cap raises.
+      num_losses: optional K; when given, a history without K columns raises,
+        and one of shape ``[K, T]`` (components-major, as the original takes
+        it) is named as such.
       **options: see :class:`SoftAdaptOptions` (``stencil``, ``scale``,
         ``normalization``, ``sum_to_k``, ``eps``) and ``reference`` for
         ``scale="relative"``.
@@ -201,8 +228,8 @@ def softadapt_weights(
     _checks.check_choice(variant, "variant", VARIANTS)
     reference = options.pop("reference", None)
     opts = SoftAdaptOptions.from_kwargs(options, "softadapt_weights")
-    hist = check_history(history)
-    resolve_accuracy_order(accuracy_order, hist.shape[0])
+    hist = check_history(history, num_losses=num_losses)
+    resolve_accuracy_order(accuracy_order, hist.shape[0], hist.dtype)
     beta = _checks.check_scalar(beta, "beta").astype(hist.dtype)
     return _weights(
         hist, beta, variant=variant, accuracy_order=accuracy_order, opts=opts, reference=reference

@@ -261,7 +261,7 @@ def test_multisteps_with_per_component_goes_outside():
     params = jnp.zeros(2)
     losses = jnp.asarray(LOSS_STREAM[0])
     inside = optax.MultiSteps(optax.chain(softadapt(num_losses=K, per_component=True), optax.sgd(1.0)), 2)
-    with pytest.raises(ValueError, match=r"expected \(3, 2\)"):
+    with pytest.raises(ValueError, match=r"per-component gradients of a parameter of shape \(2,\) have shape \(3, 2\)"):
         inside.update(jnp.ones((K, 2)), inside.init(params), params, losses=losses)
 
     outside = optax.chain(
@@ -351,14 +351,37 @@ def test_per_component_wrong_updates_shape_raises_naming_shapes():
     state = tx.init(params)
     losses = jnp.ones(K)
     # Leading axis of 2 instead of K=3.
-    with pytest.raises(ValueError, match=r"K=3; got a leaf of shape \(2, 4, 2\), expected \(3, 4, 2\)"):
+    with pytest.raises(ValueError, match=r"leaf 0 has shape \(2, 4, 2\).*have shape \(3, 4, 2\)\.$"):
         tx.update({"w": jnp.ones((2, 4, 2))}, state, params, losses=losses)
     # Right leading axis, wrong trailing shape.
-    with pytest.raises(ValueError, match=r"got a leaf of shape \(3, 2, 4\), expected \(3, 4, 2\)"):
+    with pytest.raises(ValueError, match=r"leaf 0 has shape \(3, 2, 4\).*have shape \(3, 4, 2\)"):
         tx.update({"w": jnp.ones((3, 2, 4))}, state, params, losses=losses)
-    # Plain (unstacked) gradients, without params to compare to.
-    with pytest.raises(ValueError, match=r"got a leaf of shape \(\), expected \[K, \.\.\.\]"):
-        tx.update({"w": jnp.ones(())}, state, losses=losses)
+    # Plain (unstacked) gradients: named as such.
+    with pytest.raises(ValueError, match=r"looks like a plain gradient: build the transform with per_component=False"):
+        tx.update({"w": jnp.ones((4, 2))}, state, params, losses=losses)
+    # Without params the layout cannot be told apart.
+    with pytest.raises(ValueError, match=r"per_component=True needs `params`"):
+        tx.update({"w": jnp.ones((3, 4, 2))}, state, losses=losses)
+
+
+def test_stacked_gradients_without_per_component_raise_instead_of_growing_params():
+    """Issue 15 item 2: stacked [K, ...] gradients given to the plain path used to broadcast
+    into the parameters, which gained a leading axis at every step."""
+    tx = optax.chain(softadapt(num_losses=K), optax.sgd(0.1))
+    params = jnp.zeros(4)
+    state = tx.init(params)
+    with pytest.raises(ValueError, match=r"looks stacked per component: build the transform with per_component=True"):
+        tx.update(jnp.ones((K, 4)), state, params, losses=jnp.ones(K))
+    with pytest.raises(ValueError, match=r"same tree structure"):
+        tx.update({"a": jnp.ones(4)}, state, params, losses=jnp.ones(K))
+
+
+def test_per_component_without_params_on_a_k_shaped_parameter_raises():
+    """Issue 15 item 3: a plain gradient of a [K, 4] parameter was taken as stacked."""
+    tx = softadapt(num_losses=K, per_component=True)
+    params = jnp.zeros((K, 4))
+    with pytest.raises(ValueError, match=r"per_component=True needs `params`"):
+        tx.update(jnp.ones((K, 4)), tx.init(params), losses=jnp.ones(K))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -67,7 +67,8 @@ class BalancerState(NamedTuple):
       filled: int32, number of valid history entries (<= window).
       count: int32, number of accepted steps.
       rejected: int32, number of steps rejected for non-finite losses.
-      accum: ``[G]`` sum of the losses accumulated towards the next entry.
+      accum: ``[G]`` mean of the losses accumulated towards the next entry
+        (a running mean, so finite losses never overflow it).
       accum_count: int32, number of steps in ``accum``.
       weights: ``[K]`` current weights, one per term (already multiplied by the
         set-point).
@@ -81,7 +82,7 @@ class BalancerState(NamedTuple):
     filled: jax.Array  # [] int32
     count: jax.Array  # [] int32
     rejected: jax.Array  # [] int32
-    accum: jax.Array  # [G] float
+    accum: jax.Array  # [G] float, running mean
     accum_count: jax.Array  # [] int32
     weights: jax.Array  # [K] float
     method_state: PyTree
@@ -298,7 +299,12 @@ def make_balancer(
 
     def term_weights(w: jax.Array) -> jax.Array:
         w = expand_groups(w.astype(hist_dtype), group_ids)
-        return w if prior is None else w * prior.astype(w.dtype)
+        if prior is None:
+            return w
+        # A traced set-point (a schedule under optax.inject_hyperparams) escapes the
+        # construction-time check: clamp it to [0, max] so no weight is negative or nan.
+        big = jnp.finfo(hist_dtype).max
+        return w * jnp.clip(jnp.nan_to_num(prior.astype(hist_dtype), nan=0.0, posinf=big), 0.0, big)
 
     def will_recompute(count: jax.Array, filled: jax.Array, accum_count: jax.Array) -> jax.Array:
         """Whether the accepted step after a state with these counters applies the rule."""
@@ -322,10 +328,12 @@ def make_balancer(
 
     def accepted_update(losses: jax.Array, state: BalancerState, statistics: Any) -> BalancerState:
         recompute = will_recompute(state.count, state.filled, state.accum_count)
-        accum = state.accum + losses
         accum_count = state.accum_count + 1
+        # A running mean, not a sum: finite losses can never overflow it.
+        n = accum_count.astype(hist_dtype)
+        accum = state.accum - state.accum / n + losses / n
         push = accum_count >= accumulate
-        entry = accum / accum_count.astype(hist_dtype)
+        entry = accum
         history = jnp.where(push, jnp.concatenate([state.history[1:], entry[None]]), state.history)
         initial = jnp.where(push & (state.filled == 0), entry, state.initial)
         filled = jnp.where(push, jnp.minimum(state.filled + 1, window), state.filled)

@@ -1,0 +1,145 @@
+"""Regression tests for the safety net (issue 15): inputs that used to corrupt weights or state silently.
+
+Each test names the item of the issue it reproduces; each failed before its fix.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import softadapt_jax as sj
+from softadapt_jax.balancers.base import make_balancer
+from softadapt_jax.slopes import max_stable_order
+
+
+def _newest(history, initial, method_state):
+    del initial
+    return history[-1], method_state
+
+
+# ----------------------------------------------------------------------------- item 5: accumulation
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: sj.softadapt_balancer(0.1, num_losses=2, window=2, accumulate=2),
+        lambda: sj.fixed_balancer(num_losses=2, accumulate=2),
+        lambda: make_balancer(_newest, num_losses=2, window=1, weights_sum=2.0, accumulate=2),
+    ],
+)
+def test_accumulating_huge_finite_losses_never_pushes_inf(factory) -> None:
+    b = factory()
+    state = b.init()
+    for _ in range(4):
+        _, state = jax.jit(b.update)(jnp.array([3e38, 1.0], jnp.float32), state)
+    assert np.all(np.isfinite(np.asarray(state.history)))
+    np.testing.assert_allclose(state.history[-1], [3e38, 1.0], rtol=1e-6)
+    assert int(state.rejected) == 0 and int(state.count) == 4
+
+
+# ----------------------------------------------------------------------------- item 6: constant history
+@pytest.mark.parametrize(
+    "options",
+    [dict(variant="normalized"), dict(scale="relative"), dict(variant="normalized", scale="relative")],
+)
+def test_constant_history_gives_uniform_weights_under_jit(options) -> None:
+    h = jnp.broadcast_to(jnp.array([0.3, 0.69, 2.13, 1e-3], jnp.float32), (5, 4))
+    w = jax.jit(lambda h: sj.softadapt_weights(h, 10.0, **options))(h)
+    np.testing.assert_allclose(w, np.full(4, 0.25), rtol=1e-6)
+    slopes = jax.jit(lambda h: sj.rates_of_change(h, scale="relative"))(h)
+    np.testing.assert_array_equal(slopes, np.zeros(4))
+
+
+# ----------------------------------------------------------------------------- item 7: high orders
+def test_default_order_is_capped_where_rounding_would_dominate() -> None:
+    assert max_stable_order(jnp.float32) == 15
+    assert max_stable_order(jnp.float64) >= 40
+    for t in (16, 32, 40, 140):
+        ramp = (1.0 + 0.01 * jnp.arange(t, dtype=jnp.float32))[:, None]
+        np.testing.assert_allclose(sj.rates_of_change(ramp), [0.01], rtol=2e-2)
+
+
+def test_explicit_order_above_the_cap_raises_naming_the_dtype() -> None:
+    with pytest.raises(ValueError, match=r"`accuracy_order`=20 is too high for float32.*<= 15"):
+        sj.rates_of_change(jnp.zeros((40, 2), jnp.float32), accuracy_order=20)
+    with pytest.raises(ValueError, match=r"`accuracy_order`=20 is too high for float32"):
+        sj.softadapt_weights(jnp.zeros((40, 2), jnp.float32), 0.1, accuracy_order=20)
+
+
+def test_float64_keeps_the_original_default_order(x64) -> None:
+    # The original's order T - 1 for every window the reference cases use (T <= 16).
+    ramp = jnp.asarray(np.cumsum(np.linspace(1.0, 2.0, 16) ** 2)[:, None])
+    exact = sj.rates_of_change(ramp, accuracy_order=15)
+    np.testing.assert_array_equal(sj.rates_of_change(ramp), exact)
+
+
+# ----------------------------------------------------------------------------- item 8: huge means
+@pytest.mark.parametrize("scale", [3e37, 1e38, 3e38])
+def test_loss_weighted_with_huge_finite_losses_keeps_its_weights(scale) -> None:
+    h = jnp.array([[0.3, 1.0], [0.3, 1.0]], jnp.float32) * scale
+    w = sj.softadapt_weights(h, 0.1, variant="loss_weighted")
+    np.testing.assert_allclose(w, [0.3 / 1.3, 1.0 / 1.3], rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- stable_softmax promises
+def test_stable_softmax_priors_never_give_nan_or_negative_weights() -> None:
+    x = jnp.array([1.0, 2.0, 0.5])
+    w = sj.stable_softmax(x, 1.0, prior=jnp.array([jnp.inf, 1.0, 1.0]))
+    np.testing.assert_allclose(w, [1.0, 0.0, 0.0], atol=1e-6)
+    w = sj.stable_softmax(x, 1.0, prior=jnp.array([-1.0, 1.0, jnp.nan]))
+    assert np.all(np.asarray(w) >= 0) and np.isfinite(np.asarray(w)).all()
+    np.testing.assert_allclose(w, [0.0, 1.0, 0.0], atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("x", "error", "match"),
+    [
+        (3, ValueError, r"`x` must be a \[K\] vector of scores with K >= 1, got shape \(\)"),
+        (jnp.zeros((0,)), ValueError, r"got shape \(0,\)"),
+        (jnp.zeros((2, 2)), ValueError, r"got shape \(2, 2\)"),
+        ("ab", TypeError, r"`x` must be a numeric array"),
+    ],
+)
+def test_stable_softmax_bad_input_names_the_argument(x, error, match) -> None:
+    with pytest.raises(error, match=match):
+        sj.stable_softmax(x)
+
+
+def test_stable_softmax_takes_lists_and_ints() -> None:
+    np.testing.assert_allclose(sj.stable_softmax([1, 2]), sj.stable_softmax(jnp.array([1.0, 2.0])))
+
+
+# ----------------------------------------------------------------------------- layouts
+def test_components_major_history_is_named_when_num_losses_is_given() -> None:
+    h = jnp.ones((3, 7))  # K=3 components, T=7 steps: the original's layout
+    with pytest.raises(ValueError, match=r"looks components-major \[K, T\]: pass `history.T`"):
+        sj.softadapt_weights(h, 0.1, num_losses=3)
+    assert sj.softadapt_weights(h.T, 0.1, num_losses=3).shape == (3,)
+
+
+# ----------------------------------------------------------------------------- item 11: traced set-point
+def test_traced_negative_setpoint_never_gives_negative_weights() -> None:
+    @jax.jit
+    def run(setpoint):
+        b = sj.fixed_balancer(num_losses=3, setpoint=setpoint)
+        w, _ = b.update(jnp.ones(3), b.init())
+        return w
+
+    w = run(jnp.array([-1.0, 2.0, jnp.nan]))
+    np.testing.assert_array_equal(w, [0.0, 2.0, 0.0])
+
+
+def test_inject_hyperparams_setpoint_schedule_going_negative() -> None:
+    schedule = optax.linear_schedule(1.0, -1.0, transition_steps=4)
+    tx = optax.inject_hyperparams(sj.softadapt, static_args=sj.SOFTADAPT_STATIC_ARGS)(
+        0.1, num_losses=2, window=2, setpoint=lambda count: jnp.stack([schedule(count), jnp.ones(())])
+    )
+    params = jnp.zeros(2)
+    state = tx.init(params)
+    update = jax.jit(lambda s: tx.update(jnp.zeros(2), s, params, losses=jnp.array([1.0, 2.0])))
+    for _ in range(8):
+        _, state = update(state)
+        assert np.all(np.asarray(sj.get_weights(state)) >= 0)
