@@ -1,18 +1,12 @@
 """GradNorm (Chen et al. 2018, arXiv:1711.02257) as an optax transform.
 
-GradNorm learns loss weights ``w`` so that the gradient norms of the weighted
-losses on one chosen shared layer W, ``G_k = ||grad_W w_k L_k|| = w_k n_k``,
-match a common target that favours the components which train slowest::
-
-    Lhat_k = L_k(t) / L_k(0)               (inverse training rate)
-    r_k    = Lhat_k / mean_j Lhat_j         (relative inverse training rate)
-    G_avg  = mean_k w_k n_k
-    L_grad = sum_k | w_k n_k - G_avg r_k^alpha |     (the target held constant)
-
-Each step the network update uses the current weights, ``sum_k w_k g_k``;
-then ``w`` takes one step of its own optax optimizer on ``dL_grad/dw`` and is
-renormalised to sum to K. The state keeps the weights, ``L(0)`` and the inner
-optimizer's state.
+GradNorm learns loss weights ``w`` (summing to K) so that the gradient norms
+of the weighted losses on one shared layer W, ``G_k = ||grad_W w_k L_k||``,
+approach a common target that favours the components which train slowest.
+Each update applies the current weights to the gradients, ``sum_k w_k g_k``,
+then moves the weights' parameter one step of its own optax optimizer on the
+GradNorm objective. The default reproduces LibMTL's GradNorm; PhysicsNeMo's
+and a literal reading of the paper are named options (see :func:`gradnorm`).
 
 Two ways to feed it, as for the balancers in :mod:`softadapt_jax.transform`:
 
@@ -35,32 +29,107 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from softadapt_jax._checks import check_positive_int, check_vector
+from softadapt_jax._checks import check_choice, check_positive_int, check_vector
 from softadapt_jax.gradients.per_component import per_component_grads
 
 Layer = Callable[[Any], Any] | str | Sequence[Any]
+
+GRADNORM_CONVENTIONS = ("libmtl", "physicsnemo", "paper")
+"""The accepted values of ``gradnorm(convention=...)``."""
+
+# Per convention: alpha, the initial value of the trained parameter, and the default weight optimizer.
+# The optimizers are those the recorded reference runs used (see gradnorm's docstring).
+_DEFAULT_ALPHA = {"libmtl": 1.5, "physicsnemo": 1.0, "paper": 1.5}
+_INITIAL_PARAM = {"libmtl": 1.0, "physicsnemo": 0.0, "paper": 1.0}
+_DEFAULT_OPTIMIZER = {
+    "libmtl": lambda: optax.sgd(0.1),
+    "physicsnemo": lambda: optax.adam(1e-2),
+    "paper": lambda: optax.adam(0.025),
+}
 
 
 class GradNormState(NamedTuple):
     """State of :func:`gradnorm`."""
 
     weights: jax.Array  # [K], sum K; the weights the *next* update applies
-    initial_losses: jax.Array  # [K], L(0), recorded at the first update
+    param: jax.Array  # [K], what the weight optimizer trains (LibMTL loss_scale, PhysicsNeMo lmbda, or w)
+    initial_losses: jax.Array  # [K], L(0) (a running mean while the initial steps last)
     count: jax.Array  # int32, number of updates so far
     inner_state: optax.OptState  # the weight optimizer's state
+
+
+class GradNormInfo(NamedTuple):
+    """Diagnostics of one :func:`gradnorm_step` (zeros while LibMTL's initial steps hold the weights)."""
+
+    objective: jax.Array  # scalar, sum_k |w_k n_k - target_k|
+    grad: jax.Array  # [K], d objective / d param, what the weight optimizer received
 
 
 def gradnorm(
     *,
     num_losses: int,
     layer: Layer,
-    alpha: float = 1.5,
+    alpha: float | None = None,
     weight_optimizer: optax.GradientTransformation | None = None,
     per_component: bool = True,
-    min_weight: float = 1e-3,
+    min_weight: float | None = None,
     axis_name: Hashable | None = None,
+    convention: str = "libmtl",
+    initial_steps: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """GradNorm: learn loss weights that equalise the gradient norms on a shared layer.
+    r"""GradNorm: learn loss weights that equalise the gradient norms on a shared layer.
+
+    With ``n_k = ||grad_W L_k||`` the unweighted gradient norms on the layer W,
+    ``L(0)`` the initial losses and ``w = w(p)`` the weights as a function of
+    the trained parameter ``p``, one update computes::
+
+        r_k      = (L_k / L_k(0)) / mean_j (L_j / L_j(0))   (relative inverse training rate)
+        target_k = mean_j(w_j n_j) * r_k**alpha              (held constant)
+        L_grad   = sum_k | w_k n_k - target_k |
+        updates  = sum_k w_k g_k                             (the weights *before* this step)
+        p       <- p + weight_optimizer(dL_grad/dp)          (acts from the next update on)
+
+    ``convention`` selects ``w(p)`` and the start-up; the first two reproduce
+    an original implementation (float64, rtol 1e-6, tests/test_parity_gradnorm.py):
+
+    * ``"libmtl"`` (default): LibMTL's ``GradNorm`` (median-research-group/LibMTL
+      git 4336804, ``LibMTL/weighting/GradNorm.py``). ``p`` is ``loss_scale``
+      (init 1) and ``w = K softmax(p)``, so the gradient passes through the
+      softmax. For the first ``initial_steps`` updates (LibMTL's epoch 0, one
+      step per batch) the weights are 1 and ``p`` does not move; ``L(0)`` is
+      the mean loss over those steps (LibMTL's ``train_loss_buffer[:, 0]``).
+      It is the default because GradNorm is a multi-task method and LibMTL is
+      the multi-task library people compare against; its alpha 1.5 is the
+      paper's common value, and its weights stay positive and sum to K by
+      construction, with no clipping.
+    * ``"physicsnemo"``: PhysicsNeMo-Sym's ``GradNorm`` aggregator
+      (nvidia-physicsnemo-sym 2.4.0, ``physicsnemo/sym/loss/aggregator.py``).
+      ``p`` is ``lmbda`` (init 0). Each update first shifts ``p`` by
+      ``log K - logsumexp(p)`` (so ``sum exp(p) = K``) and uses ``w = exp(p)``;
+      the gradient is taken with respect to the shifted ``p`` (not through a
+      softmax), and the optimizer steps from the shifted value. ``L(0)`` are
+      the losses of the first update, which already moves ``p``; alpha 1.
+      PhysicsNeMo's shared layer is ``params[-2]`` of the model's parameter
+      list; pass that leaf as ``layer``.
+    * ``"paper"``: the weights themselves are trained (``w = p``, init 1), then
+      clipped to ``min_weight`` and renormalised to sum to K, as in the
+      paper's Algorithm 1; ``L(0)`` from the first update, which moves ``w``.
+      Not checked against an original implementation (the authors released
+      none); this was the library's behaviour before the conventions existed.
+
+    The inner optimizer is not part of either original: LibMTL trains
+    ``loss_scale`` with the Trainer's global optimizer (Adam, lr 1e-4, by
+    default) and PhysicsNeMo with the trainer's optimizer as a second param
+    group. ``weight_optimizer=None`` takes the optimizer of the recorded
+    reference runs, so that the defaults reproduce them: ``optax.sgd(0.1)``
+    for ``"libmtl"``, ``optax.adam(1e-2)`` for ``"physicsnemo"`` (torch's Adam
+    and optax's agree), and ``optax.adam(0.025)`` for ``"paper"``. SGD's step
+    scales with the gradient norms of W; if they are far from 1, pass an
+    ``optax.adam`` whose step does not.
+
+    Where the originals divide by zero (a zero initial loss, or a zero mean
+    rate), the divisor is replaced by 1; a negative rate is clipped to 0 so
+    that ``r**alpha`` stays real. Both originals give NaN there.
 
     Args:
       num_losses: K.
@@ -70,21 +139,27 @@ def gradnorm(
         such as ``"params/Dense_2/kernel"`` or ``"Dense_2"`` (all leaves
         below), or a tuple of keys.
       alpha: asymmetry; 0 equalises the norms, larger values push the slow
-        components harder (the paper uses 0.12 to 3; 1.5 is its common value).
-      weight_optimizer: optimizer of the weights; default
-        ``optax.adam(0.025)`` (the paper trains the weights with the network's
-        optimizer; a separate one keeps their step size independent).
+        components harder (the paper uses 0.12 to 3). ``None``: 1.5 for
+        ``"libmtl"`` and ``"paper"``, 1 for ``"physicsnemo"`` (their defaults).
+      weight_optimizer: optimizer of ``p``; ``None`` as described above.
       per_component: path (a) if True, path (b) if False (module docstring).
-      min_weight: after each step the weights are clipped to at least
-        ``min_weight`` before renormalising, so a weight never turns negative
-        (the paper only renormalises; a negative weight would ascend its loss).
+      min_weight: ``"paper"`` only (default 1e-3): the floor the weights are
+        clipped to before renormalising, so a weight never turns negative.
       axis_name: pmap axis over which updates, losses and layer norms are
         averaged first, so every replica holds the same weights.
+      convention: ``"libmtl"``, ``"physicsnemo"`` or ``"paper"``, keyword-only.
+      initial_steps: ``"libmtl"`` only (default 1): the number of batches in
+        LibMTL's first epoch, during which the weights stay 1 and whose mean
+        losses become ``L(0)``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
       ``updates, state, params=None, *, losses`` (``[K]``) and, with
       ``per_component=False``, ``layer_norms`` (``[K]``).
+
+    Raises:
+      ValueError: an argument out of range, an unknown ``convention``, or
+        ``min_weight`` / ``initial_steps`` given to a convention without them.
 
     Example:
       >>> import optax
@@ -98,25 +173,35 @@ def gradnorm(
         raise ValueError(
             f"`layer` must be a callable, a non-empty key path string or a tuple of keys; got {layer!r}."
         )
-    alpha = _check_float(alpha, "alpha", minimum=0.0)
-    min_weight = _check_float(min_weight, "min_weight", minimum=0.0)
+    check_choice(convention, "convention", GRADNORM_CONVENTIONS)
+    alpha = _DEFAULT_ALPHA[convention] if alpha is None else _check_float(alpha, "alpha", minimum=0.0)
+    if min_weight is not None and convention != "paper":
+        raise ValueError(
+            f"`min_weight` applies to convention='paper' only (its weights can turn negative); "
+            f"convention={convention!r} keeps them positive by construction. Got min_weight={min_weight!r}."
+        )
+    min_weight = _check_float(1e-3 if min_weight is None else min_weight, "min_weight", minimum=0.0)
     if min_weight >= 1:
         raise ValueError(
             f"`min_weight` must be < 1 so that weights summing to K can respect it; got {min_weight}."
         )
+    if initial_steps is not None and convention != "libmtl":
+        raise ValueError(
+            f"`initial_steps` applies to convention='libmtl' only (its first epoch); "
+            f"convention={convention!r} takes L(0) from the first update. "
+            f"Got initial_steps={initial_steps!r}."
+        )
+    initial_steps = check_positive_int(1 if initial_steps is None else initial_steps, "initial_steps")
     if not isinstance(per_component, bool):
         raise ValueError(f"`per_component` must be a bool, got {per_component!r}.")
-    opt = optax.adam(0.025) if weight_optimizer is None else weight_optimizer
+    opt = _DEFAULT_OPTIMIZER[convention]() if weight_optimizer is None else weight_optimizer
+    step_kwargs = dict(
+        optimizer=opt, alpha=alpha, convention=convention, initial_steps=initial_steps, min_weight=min_weight
+    )
 
     def init_fn(params: Any) -> GradNormState:
         del params
-        weights = jnp.ones((k,), jnp.float32)
-        return GradNormState(
-            weights=weights,
-            initial_losses=jnp.ones((k,), jnp.float32),
-            count=jnp.zeros((), jnp.int32),
-            inner_state=opt.init(weights),
-        )
+        return gradnorm_init(k, opt, convention=convention)
 
     def update_fn(
         updates: Any,
@@ -151,25 +236,30 @@ def gradnorm(
                     f"gradnorm(num_losses={k}) got updates stacked on a leading axis of size "
                     f"{norms.shape[0]}."
                 )
+            weights = state.weights
+            updates = jax.tree.map(lambda g: jnp.tensordot(weights.astype(g.dtype), g, axes=1), updates)
         else:
             norms = check_vector(layer_norms, "layer_norms", k)
-        weights = state.weights
-        if per_component:
-            updates = jax.tree.map(lambda g: jnp.tensordot(weights.astype(g.dtype), g, axes=1), updates)
-        new_weights, initial, inner = gradnorm_step(
-            weights,
-            losses,
-            norms,
-            state.initial_losses,
-            state.count,
-            state.inner_state,
-            opt,
-            alpha,
-            min_weight,
-        )
-        return updates, GradNormState(new_weights, initial, state.count + 1, inner)
+        new_state, _ = gradnorm_step(state, losses, norms, **step_kwargs)
+        return updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def gradnorm_init(
+    num_losses: int, optimizer: optax.GradientTransformation, *, convention: str = "libmtl"
+) -> GradNormState:
+    """The initial :class:`GradNormState` (float64 under x64, else float32): weights 1, L(0) unset."""
+    k = check_positive_int(num_losses, "num_losses")
+    check_choice(convention, "convention", GRADNORM_CONVENTIONS)
+    param = jnp.full((k,), _INITIAL_PARAM[convention], jnp.result_type(float))
+    return GradNormState(
+        weights=jnp.ones_like(param),
+        param=param,
+        initial_losses=jnp.zeros_like(param),
+        count=jnp.zeros((), jnp.int32),
+        inner_state=optimizer.init(param),
+    )
 
 
 def gradnorm_weights(opt_state: Any) -> jax.Array:
@@ -229,7 +319,9 @@ def component_norms(stacked_grads: Any, layer: Layer) -> jax.Array:
             f"the gradients of `layer` {layer!r} must be stacked on a common leading axis K; got shapes "
             f"{[tuple(jnp.shape(g)) for g in leaves]}."
         )
-    sq = sum(jnp.sum(jnp.reshape(g, (g.shape[0], -1)).astype(jnp.float32) ** 2, axis=1) for g in leaves)
+    # At least float32 (half-precision squares underflow), float64 kept under x64.
+    dtype = jnp.result_type(*[jnp.promote_types(g.dtype, jnp.float32) for g in leaves])
+    sq = sum(jnp.sum(jnp.reshape(g, (g.shape[0], -1)).astype(dtype) ** 2, axis=1) for g in leaves)
     return jnp.sqrt(sq)
 
 
@@ -270,7 +362,7 @@ def _check_float(value: Any, name: str, *, minimum: float) -> float:
 def gradnorm_targets(
     weights: jax.Array, losses: jax.Array, norms: jax.Array, initial_losses: jax.Array, alpha: float
 ) -> jax.Array:
-    """``G_avg * r_k^alpha``: GradNorm's target norms (a constant for the weight update)."""
+    """``mean(w n) * r_k^alpha``: GradNorm's target norms (a constant for the weight update)."""
     ratio = losses / jnp.where(initial_losses != 0, initial_losses, 1.0)
     mean = jnp.mean(ratio)
     rel = ratio / jnp.where(mean != 0, mean, 1.0)
@@ -280,32 +372,88 @@ def gradnorm_targets(
     return jax.lax.stop_gradient(g_avg * rel**alpha)
 
 
+def _weight_map(convention: str, k: int) -> Callable[[jax.Array], jax.Array]:
+    """``p -> w`` of a convention (for "physicsnemo", ``p`` already shifted so that sum exp(p) = K)."""
+    if convention == "libmtl":
+        return lambda p: k * jax.nn.softmax(p)
+    if convention == "physicsnemo":
+        return jnp.exp
+    return lambda p: p
+
+
+def _prepare_param(param: jax.Array, convention: str) -> jax.Array:
+    """PhysicsNeMo renormalises its lmbda in place at every call, before using it."""
+    if convention == "physicsnemo":
+        return param + (jnp.log(param.shape[0]) - jax.nn.logsumexp(param))
+    return param
+
+
 def gradnorm_step(
-    weights: jax.Array,
+    state: GradNormState,
     losses: jax.Array,
     norms: jax.Array,
-    initial_losses: jax.Array,
-    count: jax.Array,
-    inner_state: optax.OptState,
+    *,
     optimizer: optax.GradientTransformation,
     alpha: float,
-    min_weight: float,
-) -> tuple[jax.Array, jax.Array, optax.OptState]:
-    """One weight update: returns ``(new_weights, initial_losses, inner_state)``.
+    convention: str = "libmtl",
+    initial_steps: int = 1,
+    min_weight: float = 1e-3,
+) -> tuple[GradNormState, GradNormInfo]:
+    """One weight update of :func:`gradnorm` (arguments as there): ``(new_state, info)``.
 
-    ``initial_losses`` are taken from ``losses`` at the first step (``count == 0``).
+    Args:
+      state: the current state; ``state.count`` decides whether ``L(0)`` is
+        still being recorded.
+      losses: ``[K]`` current losses.
+      norms: ``[K]`` unweighted gradient norms ``n_k`` on the shared layer.
+
+    Returns:
+      The state after the update (its ``weights`` apply to the next step) and
+      the objective value and its gradient with respect to ``state.param``
+      (after PhysicsNeMo's shift), zeros while ``"libmtl"`` holds the weights.
     """
-    k = weights.shape[0]
-    losses = jax.lax.stop_gradient(losses.astype(jnp.float32))
-    norms = jax.lax.stop_gradient(norms.astype(jnp.float32))
-    initial = jnp.where(count == 0, losses, initial_losses)
+    check_choice(convention, "convention", GRADNORM_CONVENTIONS)
+    dtype = state.param.dtype
+    k = state.param.shape[0]
+    losses = jax.lax.stop_gradient(jnp.asarray(losses, dtype))
+    norms = jax.lax.stop_gradient(jnp.asarray(norms, dtype))
+    count = state.count
+    # L(0) is the running mean of the first `n0` steps' losses (LibMTL: epoch 0; the others: step 0).
+    n0 = initial_steps if convention == "libmtl" else 1
+    recording = count < n0
+    running = state.initial_losses + (losses - state.initial_losses) / (count + 1).astype(dtype)
+    initial = jnp.where(recording, running, state.initial_losses)
+
+    weight_map = _weight_map(convention, k)
+    param = _prepare_param(state.param, convention)
+    weights, pullback = jax.vjp(weight_map, param)
     targets = gradnorm_targets(weights, losses, norms, initial, alpha)
+    residual = weights * norms - targets
+    # d|x|/dx = sign(x), 0 at 0 as in torch; G_k = w_k n_k for w_k > 0.
+    (grad,) = pullback(jnp.sign(residual) * norms)
+    upd, inner = optimizer.update(grad, state.inner_state, param)
+    new_param = optax.apply_updates(param, upd)
+    if convention == "paper":
+        new_param = jnp.maximum(new_param, min_weight)
+        new_param = k * new_param / jnp.sum(new_param)
+    info = GradNormInfo(objective=jnp.sum(jnp.abs(residual)), grad=grad)
 
-    def l_grad(w: jax.Array) -> jax.Array:
-        return jnp.sum(jnp.abs(w * norms - targets))
-
-    grad = jax.grad(l_grad)(weights)
-    upd, inner_state = optimizer.update(grad, inner_state, weights)
-    new = jnp.maximum(optax.apply_updates(weights, upd), min_weight)
-    new = k * new / jnp.sum(new)
-    return new, initial, inner_state
+    if convention == "libmtl":
+        # LibMTL's first epoch: plain sum (weights 1), loss_scale untouched.
+        new_param, inner = jax.tree.map(
+            lambda old, new: jnp.where(recording, old, new),
+            (state.param, state.inner_state),
+            (new_param, inner),
+        )
+        info = jax.tree.map(lambda x: jnp.where(recording, jnp.zeros_like(x), x), info)
+        next_weights = jnp.where(count + 1 < n0, jnp.ones_like(param), weight_map(new_param))
+    else:
+        next_weights = weight_map(_prepare_param(new_param, convention))
+    new_state = GradNormState(
+        weights=next_weights.astype(dtype),
+        param=new_param.astype(dtype),
+        initial_losses=initial,
+        count=count + 1,
+        inner_state=inner,
+    )
+    return new_state, info
