@@ -1,0 +1,54 @@
+"""The step-level guard: a step whose losses or gradients are not finite changes nothing.
+
+A balancer already refuses non-finite losses, but a train step also applies a
+gradient, and one nan gradient makes every parameter nan for good. The train
+steps of :mod:`softadapt_jax.training`, :mod:`softadapt_jax.nnx_training`,
+RotoGrad and GradNorm compute the whole new state, then keep the old one
+wherever :func:`all_finite` is false (a select, so the step stays one compiled
+program), and count the skipped step in every balancer state.
+
+For a step written by hand with plain optax, wrap the optimizer instead::
+
+    tx = optax.apply_if_finite(optax.chain(sj.softadapt(...), optax.adam(1e-3)), max_consecutive_errors=10**9)
+
+``apply_if_finite`` must be the *outermost* transform, so that the balancer's
+state is kept too, and it sees the gradients only: a nan loss with a finite
+gradient still reaches the balancer, which rejects it and counts it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from softadapt_jax.balancers.base import BalancerState
+
+
+def all_finite(*trees: Any) -> jax.Array:
+    """Whether every floating leaf of every tree is finite (a scalar bool array)."""
+    leaves = [jnp.asarray(x) for t in trees for x in jax.tree.leaves(t)]
+    checks = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+def keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``ok``, else ``old``, leaf by leaf (both trees of the same structure)."""
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def count_skipped(opt_state: Any) -> Any:
+    """``opt_state`` with the ``rejected`` count of every balancer state in it raised by one."""
+
+    def bump(node: Any) -> Any:
+        if isinstance(node, BalancerState):
+            return node._replace(rejected=node.rejected + 1)
+        return node
+
+    return jax.tree.map(bump, opt_state, is_leaf=lambda x: isinstance(x, BalancerState))
+
+
+def guard_step(ok: jax.Array, new_opt_state: Any, old_opt_state: Any) -> Any:
+    """The optimizer state after a guarded step: the new one if ``ok``, else the old one, counted."""
+    return keep_if(ok, new_opt_state, count_skipped(old_opt_state))
