@@ -143,3 +143,24 @@ def test_inject_hyperparams_setpoint_schedule_going_negative() -> None:
     for _ in range(8):
         _, state = update(state)
         assert np.all(np.asarray(sj.get_weights(state)) >= 0)
+
+
+# ----------------------------------------------------------------------------- item 9: GradNorm
+@pytest.mark.parametrize("convention", ["libmtl", "physicsnemo", "paper"])
+def test_gradnorm_skips_nonfinite_updates_instead_of_poisoning_its_state(convention) -> None:
+    tx = sj.gradnorm(num_losses=2, layer=lambda p: p, convention=convention)
+    params = jnp.zeros(3)
+    state = tx.init(params)
+    grads = jnp.array([[1.0, 0.0, 2.0], [0.5, 1.0, 0.0]])
+    update = jax.jit(lambda g, s, losses: tx.update(g, s, params, losses=losses))
+    # A nan loss at the very first update, then a nan gradient entry.
+    _, state = update(grads, state, jnp.array([jnp.nan, 1.0]))
+    assert int(state.rejected) == 1 and int(state.count) == 0
+    _, state = update(grads.at[1, 2].set(jnp.nan), state, jnp.array([1.0, 2.0]))
+    assert int(state.rejected) == 2 and int(state.count) == 0
+    for _ in range(3):
+        out, state = update(grads, state, jnp.array([1.0, 2.0]))
+    assert int(state.count) == 3
+    for leaf in jax.tree.leaves(state):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+    assert np.all(np.isfinite(np.asarray(out)))

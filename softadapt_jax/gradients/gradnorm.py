@@ -56,6 +56,7 @@ class GradNormState(NamedTuple):
     initial_losses: jax.Array  # [K], L(0) (a running mean while the initial steps last)
     count: jax.Array  # int32, number of updates so far
     inner_state: optax.OptState  # the weight optimizer's state
+    rejected: jax.Array  # int32, updates skipped for non-finite losses or gradient norms
 
 
 class GradNormInfo(NamedTuple):
@@ -241,6 +242,11 @@ def gradnorm(
         else:
             norms = check_vector(layer_norms, "layer_norms", k)
         new_state, _ = gradnorm_step(state, losses, norms, **step_kwargs)
+        # Non-finite losses or norms (a nan gradient) would make L(0) or the weights nan for
+        # good: such an update leaves the state as it was and is counted in `rejected`.
+        ok = jnp.all(jnp.isfinite(losses)) & jnp.all(jnp.isfinite(norms))
+        skipped = state._replace(rejected=state.rejected + 1)
+        new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, skipped)
         return updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -259,6 +265,7 @@ def gradnorm_init(
         initial_losses=jnp.zeros_like(param),
         count=jnp.zeros((), jnp.int32),
         inner_state=optimizer.init(param),
+        rejected=jnp.zeros((), jnp.int32),
     )
 
 
@@ -455,5 +462,6 @@ def gradnorm_step(
         initial_losses=initial,
         count=count + 1,
         inner_state=inner,
+        rejected=state.rejected,
     )
     return new_state, info
