@@ -164,3 +164,11 @@ def test_gradnorm_skips_nonfinite_updates_instead_of_poisoning_its_state(convent
     for leaf in jax.tree.leaves(state):
         assert np.all(np.isfinite(np.asarray(leaf)))
     assert np.all(np.isfinite(np.asarray(out)))
+
+
+# ----------------------------------------------------------------------------- unclear errors
+def test_absurd_window_is_refused_with_its_size() -> None:
+    with pytest.raises(ValueError, match=r"`window`=1000000000000 would make a loss history of .* GiB"):
+        sj.softadapt_balancer(0.1, num_losses=3, window=10**12)
+    with pytest.raises(ValueError, match=r"`window`=1000000000000"):
+        sj.softadapt(0.1, num_losses=3, window=10**12)

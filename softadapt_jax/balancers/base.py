@@ -234,6 +234,11 @@ def safe_ratio(num: jax.Array, den: jax.Array, eps: float) -> jax.Array:
     return jnp.where(zero, inf_or_one, num / jnp.where(zero, jnp.ones_like(d), d))
 
 
+# A history is replicated on every device and passed through every step; beyond this
+# it is a mistake (a window in steps where entries were meant), not a configuration.
+MAX_HISTORY_BYTES = 2**30
+
+
 def _select(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
     """``lax.select`` over matching pytrees (the branchless form of ``lax.cond``)."""
     return jax.tree.map(lambda a, b: jax.lax.select(pred, a, b), on_true, on_false)
@@ -294,6 +299,14 @@ def make_balancer(
     g = group_count(k, group_ids)
     prior = check_setpoint(setpoint, k)
     hist_dtype = resolve_dtype(dtype)
+    history_bytes = window * g * jnp.dtype(hist_dtype).itemsize
+    if history_bytes > MAX_HISTORY_BYTES:
+        raise ValueError(
+            f"`window`={window} would make a loss history of {history_bytes / 2**30:.3g} GiB "
+            f"({window} x {g} {jnp.dtype(hist_dtype).name}); the limit is "
+            f"{MAX_HISTORY_BYTES / 2**30:g} GiB. Use a shorter window, or `accumulate=` to average "
+            "several steps into one entry."
+        )
     # Accepted steps before this one, modulo update_every, at which the rule runs.
     phase = 0 if update_first else update_every - 1
 
