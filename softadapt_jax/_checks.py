@@ -134,3 +134,10 @@ def check_float(
             interval = "finite"
         raise ValueError(f"`{name}` must be a finite number {interval}, got {value!r}.")
     return v
+
+
+def all_finite(*trees: Any) -> jax.Array:
+    """Whether every floating leaf of every tree is finite (a scalar bool array; True for none)."""
+    leaves = [jnp.asarray(x) for t in trees for x in jax.tree.leaves(t)]
+    checks = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)

@@ -23,14 +23,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from softadapt_jax._checks import all_finite
 from softadapt_jax.balancers.base import BalancerState
 
-
-def all_finite(*trees: Any) -> jax.Array:
-    """Whether every floating leaf of every tree is finite (a scalar bool array)."""
-    leaves = [jnp.asarray(x) for t in trees for x in jax.tree.leaves(t)]
-    checks = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+__all__ = ["all_finite", "count_skipped", "guard_step", "keep_if"]
 
 
 def keep_if(ok: jax.Array, new: Any, old: Any) -> Any:

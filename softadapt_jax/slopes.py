@@ -166,7 +166,11 @@ def _scaled(history: jax.Array, scale: str, reference: Any) -> jax.Array:
     if scale != "relative" and reference is not None:
         raise ValueError("`reference` is only used with scale='relative'.")
     if scale == "log":
-        return jnp.log(jnp.maximum(history, jnp.finfo(history.dtype).tiny))
+        # A select, not jnp.maximum: maximum's gradient multiplies 1/tiny by 0, which is nan
+        # once the upstream gradient makes 1/tiny overflow.
+        tiny = jnp.finfo(history.dtype).tiny
+        above = history > tiny
+        return jnp.log(jnp.where(above, history, tiny))
     return history
 
 

@@ -76,7 +76,7 @@ CASES = [
     Case(
         "relobralo_setpoint_every2",
         lambda: relobralo_balancer(num_losses=K, expected_rho=0.5, setpoint=SETPOINT, update_every=2),
-        2,
+        1,
         SETPOINT,
     ),
     Case("dwa_average2_accumulate2", lambda: dwa_balancer(num_losses=K, average_over=2, accumulate=2), 4),

@@ -218,32 +218,45 @@ def test_ratio_softadapt_zero_previous_loss_is_finite():
     [
         GENERIC["relobralo"],
         {"alpha": 0.9, "tau": 1.0, "expected_rho": 0.5, "seed": 1, "update_every": 2, "setpoint": SETPOINT},
+        {"convention": "physicsnemo", "tau": 0.5, "expected_rho": 0.5, "seed": 2},
     ],
+    ids=["bischof", "bischof-every2-setpoint", "physicsnemo"],
 )
 def test_relobralo_hand(cfg):
-    alpha, tau, p = cfg.get("alpha", 0.999), cfg.get("tau", 0.1), cfg.get("expected_rho", 0.99)
+    physicsnemo = cfg.get("convention") == "physicsnemo"
+    alpha = cfg.get("alpha", 0.95 if physicsnemo else 0.999)
+    tau, p = cfg.get("tau", 1.0), cfg.get("expected_rho", 0.99 if physicsnemo else 1.0)
+    eps = 1e-8 if physicsnemo else 1e-12
     rhos = []
 
     def bal(cur, ref):
-        return np_softmax_k(cur / (tau * ref + 1e-8))
+        r = cur / (tau * ref + eps)
+        e = np.exp(r - r.max())
+        return K * e / (e.sum() + (eps if physicsnemo else 0.0))
 
     def rule(h, initial, ms):
-        key, lam = ms
+        key, lam, prev, ref, calls = ms
         key, sub = split(key)
         rho = float(jax.random.bernoulli(sub, p))
         rhos.append(rho)
-        lam = rho * alpha * lam + (1 - rho) * alpha * bal(h[-1], initial) + (1 - alpha) * bal(h[-1], h[-2])
-        return lam, (key, lam)
+        cur = h[-1]
+        if physicsnemo and calls == 0:  # records the losses, keeps lambda = 1
+            return lam, (key, lam, cur, cur, 1)
+        # The authors' schedule: alpha = 1 at the first call, 0 at the second.
+        a = alpha if physicsnemo or calls > 1 else float(calls == 0)
+        lam = rho * a * lam + (1 - rho) * a * bal(cur, ref) + (1 - a) * bal(cur, prev)
+        ref = cur if (not physicsnemo and calls == 1) else ref  # the authors' l0: the second call's losses
+        return lam, (key, lam, cur, ref, calls + 1)
 
-    ms0 = (jax.random.PRNGKey(cfg.get("seed", 0)), np.ones(K))
-    ((key, lam), _), ws, states = check_hand(make("relobralo", **cfg), rule, ms0, window=2, **cfg)
+    ms0 = (jax.random.PRNGKey(cfg.get("seed", 0)), np.ones(K), np.ones(K), np.ones(K), 0)
+    ((key, lam, _, ref, _), _), ws, states = check_hand(make("relobralo", **cfg), rule, ms0, window=1, **cfg)
     assert set(rhos) == {0.0, 1.0}  # the seeds are chosen so that both branches of rho occur
     np.testing.assert_allclose(raw(ws, cfg).sum(axis=-1), K, rtol=1e-5)
     state = final(states)
     np.testing.assert_array_equal(state.method_state["key"], key)
     assert state.method_state["key"].dtype == np.uint32
     np.testing.assert_allclose(state.method_state["lambdas"], lam, **TOL)  # before the set-point
-    np.testing.assert_allclose(state.initial, LOSSES[0], rtol=1e-6)  # L(0) of the lookback
+    np.testing.assert_allclose(state.method_state["ref"], ref, rtol=1e-6)  # the lookback reference
 
 
 # --------------------------------------------------------------------------- DWA
@@ -303,34 +316,36 @@ def test_uncertainty_hand_sgd(cfg, lr):
         s = s - lr * (c - a * np.exp(-s) * h[-1])
         return a * np.exp(-s), s
 
-    assert b.weights_sum == pytest.approx(a * K)
-    np.testing.assert_allclose(raw(b.init().weights, cfg), np.full(K, a))
-    (s, _), _, states = check_hand(b, rule, np.zeros(K), window=1, **cfg)
+    s0 = -0.5  # the default convention's ("libmtl") initial log-variance
+    assert b.weights_sum == pytest.approx(a * K * np.exp(-s0))
+    np.testing.assert_allclose(raw(b.init().weights, cfg), np.full(K, a * np.exp(-s0)), rtol=1e-6)
+    (s, _), _, states = check_hand(b, rule, np.full(K, s0), window=1, **cfg)
     np.testing.assert_allclose(final(states).method_state["log_vars"], s, **TOL)
 
 
-def test_uncertainty_hand_default_adam():
-    """The default: form "simple" (a = b = 1) with optax.adam(1e-2), Adam written out."""
+def test_uncertainty_hand_physicsnemo_adam():
+    """convention="physicsnemo": form "regression" (a = b = 1/2), s0 = 0, optax.adam(1e-2) written out."""
     lr, b1, b2, eps = 1e-2, 0.9, 0.999, 1e-8
 
     def rule(h, initial, ms):
         s, m, v, t = ms
-        g = 1.0 - np.exp(-s) * h[-1]
+        g = 0.5 - 0.5 * np.exp(-s) * h[-1]
         t += 1
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g**2
         s = s - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
-        return np.exp(-s), (s, m, v, t)
+        return 0.5 * np.exp(-s), (s, m, v, t)
 
     zeros = np.zeros(K)
-    check_hand(make("uncertainty"), rule, (zeros, zeros, zeros, 0), window=1)
+    check_hand(make("uncertainty", convention="physicsnemo"), rule, (zeros, zeros, zeros, 0), window=1)
 
 
 def test_uncertainty_converges_to_theory():
     # Checks the sign conventions against theory, not against our own formula:
     # the stationary point of exp(-s) L + s / 2 is w = exp(-s) = 1 / (2 L).
     const = np.array([0.25, 1.0, 4.0])
-    ws, _ = run(make("uncertainty", form="classification", optimizer=NEWTON), *[np.tile(const, (9, 1))] * 2)
+    b = make("uncertainty", form="classification", optimizer=NEWTON, init_log_var=0.0)
+    ws, _ = run(b, *[np.tile(const, (9, 1))] * 2)
     np.testing.assert_allclose(ws[0, -1], 0.5 / const, rtol=1e-3)
 
 
@@ -360,17 +375,26 @@ def test_rlw_hand(cfg):
     def rule(h, initial, key):
         key, sub = split(key)
         if distribution == "normal":
-            w = np_softmax_k(np.asarray(jax.random.normal(sub, (K,), jnp.float32), float))
+            w = np_softmax_k(np.asarray(jax.random.normal(sub, (K,), jnp.float32), float)) / K
         elif distribution == "uniform":
-            w = np_softmax_k(np.asarray(jax.random.uniform(sub, (K,), jnp.float32), float))
+            w = np_softmax_k(np.asarray(jax.random.uniform(sub, (K,), jnp.float32), float)) / K
         else:  # Dirichlet(1, ..., 1) as normalised Exp(1) draws
             e = np.asarray(jax.random.exponential(sub, (K,), jnp.float32), float)
-            w = K * e / e.sum()
+            w = e / e.sum()
         return w, key
 
-    key0 = jax.random.PRNGKey(cfg.get("seed", 0))
-    (key, _), ws, states = check_hand(make("rlw", **cfg), rule, key0, window=1, **cfg)
-    np.testing.assert_allclose(raw(ws, cfg).sum(axis=-1), K, rtol=1e-5)
+    # init() makes the first draw (the weights of step 0, held until the first redraw);
+    # the updates continue the key chain.
+    w0, key0 = rule(None, None, jax.random.PRNGKey(cfg.get("seed", 0)))
+    b = make("rlw", **cfg)
+    sp = np.asarray(cfg.get("setpoint", np.ones(K)))
+    np.testing.assert_allclose(b.init().weights, w0 * sp, **TOL)
+    ws, states = run(b)
+    sched = {name: cfg[name] for name in ("update_every", "setpoint") if name in cfg}
+    want, key = ref_schedule(rule, LOSSES, window=1, weights_sum=1.0, method_state=key0, **sched)
+    want[: cfg.get("update_every", 1) - 1] = w0 * sp
+    np.testing.assert_allclose(ws, np.broadcast_to(want, ws.shape), **TOL)
+    np.testing.assert_allclose(raw(ws, cfg).sum(axis=-1), 1.0, rtol=1e-5)
     assert np.all(ws >= 0)
     np.testing.assert_array_equal(final(states).method_state["key"], key)
     # The draws ignore the losses (both streams get the same weights) and differ at each redraw.

@@ -172,3 +172,46 @@ def test_absurd_window_is_refused_with_its_size() -> None:
         sj.softadapt_balancer(0.1, num_losses=3, window=10**12)
     with pytest.raises(ValueError, match=r"`window`=1000000000000"):
         sj.softadapt(0.1, num_losses=3, window=10**12)
+
+
+# ----------------------------------------------------------------------------- gradients of the weights
+@pytest.mark.parametrize("beta", [0.1, 10.0])
+def test_grad_of_log_scale_weights_is_finite_at_zero_losses(beta) -> None:
+    for h in (jnp.zeros((3, 2)), jnp.array([[0.0, 1.0], [0.0, 0.5], [0.0, 0.2]])):
+        g = jax.grad(lambda h: sj.softadapt_weights(h, beta, scale="log")[0])(h)
+        assert np.all(np.isfinite(np.asarray(g))), g
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e20])
+def test_grad_of_log_scale_weights_matches_finite_differences(x64, scale) -> None:
+    h = jnp.array([[1.0, 1.0], [2.0, 0.5], [3.0, 0.2]], jnp.float64) * scale
+
+    def f(h):
+        return sj.softadapt_weights(h, 2.0, scale="log")[0]
+
+    g = np.asarray(jax.grad(f)(h))
+    step = 1e-6
+    numeric = np.array(
+        [
+            [(f(h.at[i, j].multiply(1 + step)) - f(h.at[i, j].multiply(1 - step))) / (2 * step * h[i, j]) for j in range(2)]
+            for i in range(3)
+        ]
+    )
+    np.testing.assert_allclose(g, numeric, rtol=1e-5, atol=1e-12 / scale)
+
+
+# ----------------------------------------------------------------------------- item 4: uncertainty
+@pytest.mark.parametrize("convention", ["libmtl", "physicsnemo"])
+def test_uncertainty_weights_keep_adapting_after_one_extreme_loss(convention) -> None:
+    b = sj.uncertainty_balancer(num_losses=2, convention=convention, optimizer=optax.adam(1e-2))
+    state = b.init()
+    update = jax.jit(b.update)
+    for _ in range(3):
+        _, state = update(jnp.array([1.0, 2.0]), state)
+    _, state = update(jnp.array([1e20, 2.0]), state)
+    for leaf in jax.tree.leaves(state.method_state):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+    w_after_spike = np.asarray(state.weights)
+    for _ in range(20):
+        w, state = update(jnp.array([3.0, 2.0]), state)  # away from its stationary point
+    assert abs(float(w[0]) - float(w_after_spike[0])) > 1e-3  # the first weight still moves

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softadapt_jax import _checks
-from softadapt_jax.balancers.base import Balancer, check_setpoint, make_balancer
+from softadapt_jax.balancers.base import Balancer, check_groups, check_setpoint, group_count, make_balancer
 
 
 def fixed_balancer(
@@ -20,6 +21,7 @@ def fixed_balancer(
     accumulate: int = 1,
     setpoint: Any = None,
     dtype: Any = None,
+    groups: Sequence[int] | None = None,
 ) -> Balancer:
     """Constant weights ``w_k`` (default all ones: the plain sum ``sum_k L_k``).
 
@@ -29,43 +31,56 @@ def fixed_balancer(
     The state still records the losses (history window 1), so it can be
     inspected and serialized like any other balancer's.
 
+    The default reproduces LibMTL's Equal Weighting (``LibMTL/weighting/EW.py``,
+    git 4336804): its loss is the plain *sum* of the task losses, every
+    coefficient 1 (its docstring speaks of ``1/T``, its code multiplies by ones).
+    Pass ``weights=np.full(K, 1 / K)`` for the mean.
+
     Args:
-      weights: optional ``[K]`` finite, non-negative, concrete weights
-        (default ``ones(K)``).
+      weights: optional finite, non-negative, concrete weights, one per group
+        (``[K]`` without ``groups``; default all ones).
       num_losses: K, the number of loss components.
       update_every, accumulate: accepted for a uniform interface; they only
         change how the losses are recorded, never the weights.
-      setpoint: optional ``[K]`` non-negative coefficients multiplying the weights.
+      setpoint: optional ``[K]`` non-negative per-term coefficients multiplying
+        the weights.
       dtype: history dtype (float32 by default; float64 under x64).
+      groups: optional length-K group ids (see
+        :func:`~softadapt_jax.balancers.base.make_balancer`); ``weights`` then
+        has one entry per group, shared by the group's terms.
 
     Returns:
       A :class:`~softadapt_jax.balancers.base.Balancer` with
-      ``weights_sum = sum(weights)`` (K by default); its weights are
-      ``weights * setpoint``.
+      ``weights_sum = sum(weights)`` (G, the number of groups, by default; K
+      without ``groups``); the weight of term k is ``weights[group_k] * setpoint_k``.
 
     Raises:
-      ValueError: ``weights`` not of shape ``(K,)``, not finite or negative;
-        invalid ``num_losses``, ``update_every``, ``accumulate``, ``setpoint``
-        or ``dtype``.
+      ValueError: ``weights`` not of shape ``(G,)``, not finite or negative;
+        invalid ``num_losses``, ``update_every``, ``accumulate``, ``setpoint``,
+        ``dtype`` or ``groups``.
       TypeError: ``weights`` traced (they must be known when the balancer is
         built, since ``weights_sum`` is a Python float).
     """
     k = _checks.check_positive_int(num_losses, "num_losses")
+    g = group_count(k, groups)
+    ids = check_groups(groups, k)
     if weights is None:
-        w = np.ones((k,))
+        w = np.ones((g,))
     else:
         arr = _checks.as_float_array(weights, "weights")
         if isinstance(arr, jax.core.Tracer):
             raise TypeError("`weights` of fixed_balancer must be concrete (not traced).")
         w = np.asarray(arr, dtype=np.float64)
-        if w.shape != (k,):
-            raise ValueError(f"`weights` must have shape ({k},) to match num_losses={k}, got {w.shape}.")
+        if w.shape != (g,):
+            what = f"num_losses={k}" if ids is None else f"the {g} groups of `groups`"
+            raise ValueError(f"`weights` must have shape ({g},) to match {what}, got {w.shape}.")
         if not np.all(np.isfinite(w) & (w >= 0)):
             raise ValueError(f"`weights` must be finite and >= 0, got {w}.")
+    per_term = w if ids is None else w[list(ids)]
     prior = check_setpoint(setpoint, k)
     # The fixed weights act as a set-point on a rule that always returns ones:
     # the shared machinery then gives exactly ``weights * setpoint`` from init on.
-    combined = jnp.asarray(w) if prior is None else jnp.asarray(w, prior.dtype) * prior
+    combined = jnp.asarray(per_term) if prior is None else jnp.asarray(per_term, prior.dtype) * prior
 
     def rule(history: jax.Array, initial: jax.Array, method_state: Any) -> tuple[jax.Array, Any]:
         del initial
@@ -75,11 +90,12 @@ def fixed_balancer(
         rule,
         num_losses=k,
         window=1,
-        weights_sum=float(k),
+        weights_sum=float(g),
         update_every=update_every,
         accumulate=accumulate,
         setpoint=combined,
         dtype=dtype,
         name="fixed",
+        groups=ids,
     )
     return balancer._replace(weights_sum=float(np.sum(w)))

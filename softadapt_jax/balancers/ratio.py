@@ -1,96 +1,140 @@
-"""Loss-ratio SoftAdapt as in NVIDIA Modulus, and helpers shared by the ratio-based balancers.
+"""SoftAdapt on each loss's change since the previous step (PhysicsNeMo's and the ReLoBRaLo authors' forms).
 
-Modulus' ``SoftAdapt`` aggregator (``modulus.sym.loss.aggregator.SoftAdapt``)
-weights the losses by a softmax of the *ratio* of each loss to its previous
-value, rather than by the finite-difference slopes of the original SoftAdapt
-paper (:mod:`softadapt_jax.balancers.softadapt`).
-
-The helpers :func:`safe_ratio`, :func:`check_float` and :func:`resolve_dtype`
-are shared with :mod:`~softadapt_jax.balancers.relobralo`,
-:mod:`~softadapt_jax.balancers.dwa`, :mod:`~softadapt_jax.balancers.uncertainty`
-and :mod:`~softadapt_jax.balancers.rlw`.
+Unlike :mod:`softadapt_jax.balancers.softadapt` (finite-difference slopes over
+a window, the original paper), these weight each loss by a softmax of its
+ratio to (or difference from) its previous value.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from softadapt_jax import _checks
-from softadapt_jax.balancers.base import Balancer, make_balancer, safe_ratio
+from softadapt_jax.balancers.base import Balancer, group_count, make_balancer, resolve_dtype, safe_ratio
 from softadapt_jax.weights import stable_softmax
 
 RATIO_EPS = 1e-8
+FORMS = ("ratio", "difference")
 
 
 def ratio_softadapt_balancer(
     *,
     num_losses: int,
-    eps: float = RATIO_EPS,
+    form: str = "ratio",
+    beta: float = 1.0,
+    eps: float | None = None,
     update_every: int = 1,
     accumulate: int = 1,
     setpoint: Any = None,
     dtype: Any = None,
+    groups: Sequence[int] | None = None,
 ) -> Balancer:
-    """SoftAdapt on loss ratios, as NVIDIA Modulus implements it.
+    """SoftAdapt on the step-to-step change of each loss: ``G * softmax(beta * s)``.
 
-    With ``r_k = L_k(t) / (L_k(t-1) + eps)`` (``L(t)`` the newest history entry,
-    ``L(t-1)`` the one before)::
+    With ``L(t)`` the newest history entry and G weights (one per group;
+    ``G = K`` without ``groups``)::
 
-        w_k = K * exp(r_k - max_j r_j) / sum_i exp(r_i - max_j r_j)
+        s_k = L_k(t) / (L_k(t-1) + eps)        form="ratio" (default)
+        s_k = L_k(t) - L_k(t-1)                form="difference"
+        w_k = G * e_k / (sum_j e_j + eps'),    e_k = exp(beta * s_k - max_j beta * s_j)
 
-    so the weights sum to K (uniform weights equal plain summation) and grow
-    for the losses that fell least (or rose) since the previous entry. Window 2,
-    recomputed at every step by default.
+    so the weights sum to G (up to ``eps'``; uniform weights are plain
+    summation) and grow for the losses that fell least or rose.
 
-    Differences from Modulus (``modulus.sym.loss.aggregator.SoftAdapt``,
-    ``eps=1e-8``): Modulus applies the weights computed from ``L(t)`` to the
-    loss of the same step ``t``; here, as for every balancer, the weights
-    computed after step t are used at step t+1. Modulus also adds ``eps`` to the
-    softmax denominator; here the softmax is exact (a relative difference below
-    ``eps``, since the max-shifted sum is >= 1). ``L_k(t-1) = 0`` gives the
-    ratio ``L_k(t) / eps`` (as in Modulus); with ``eps = 0`` it is ``+inf``
-    (clipped to the largest float, so the weights stay finite), or 1 if
-    ``L_k(t)`` is 0 too.
+    Forms:
+
+    * ``"ratio"``: NVIDIA PhysicsNeMo-Sym 2.4.0 (formerly Modulus-Sym),
+      ``physicsnemo/sym/loss/aggregator.py`` ``SoftAdapt``: ``beta = 1`` (it has
+      no temperature) and ``eps = eps' = 1e-8``, in the ratio's denominator and
+      in the softmax's sum. Window 2: ``L(t-1)`` is the previous history entry;
+      the first step keeps the uniform weights (1 each), as its step 0 sums
+      the losses. ``L_k(t-1) = 0`` gives the ratio ``L_k(t) / eps``; with
+      ``eps = 0`` it is ``+inf`` (clipped to the largest float, so the weights
+      stay finite), or 1 if ``L_k(t)`` is 0 too.
+    * ``"difference"``: the ReLoBRaLo authors' ``softadapt``
+      (github.com/rbischof/relative_balancing at commit b3c76d2,
+      ``src/update_rules.py``, as ``src/train.py`` runs it: its moving average
+      fixed at 0, so the weights are the softmax itself). ``beta`` is its
+      ``T`` (multiplying the differences), ``eps' = eps = 0`` by default (an
+      exact softmax). ``L(t-1)`` is the losses of the previous recompute, the
+      placeholder 1.0 at the first one (which therefore already adapts:
+      ``G * softmax(beta * (L(0) - 1))``). Window 1; ``method_state`` is
+      ``{"prev": [G]}``.
+
+    Timing: both references apply the weights computed from ``L(t)`` to the
+    loss of the same step ``t``. Here, as for every balancer, the weights
+    returned by ``update(L(t))`` are meant for step ``t+1``; the weights
+    themselves are the references' of step ``t``.
 
     Reference: Heydari, Thompson & Mehmood (2019), arXiv:1912.12355, in the
-    loss-ratio form of NVIDIA Modulus (Modulus Sym ``SoftAdapt`` aggregator).
+    loss-ratio form of PhysicsNeMo and the loss-difference form of Bischof &
+    Kraus (2021), arXiv:2110.09813.
 
     Args:
-      num_losses: K, the number of loss components.
-      eps: added to the previous loss in the ratio's denominator (>= 0,
-        default ``1e-8`` as Modulus).
+      num_losses: K, the number of loss terms.
+      form: ``"ratio"`` (default, PhysicsNeMo) or ``"difference"`` (the
+        ReLoBRaLo authors' code).
+      beta: multiplies the scores ``s`` (a finite real; 1 in PhysicsNeMo).
+      eps: >= 0. ``"ratio"``: added to the previous loss and to the softmax's
+        sum (default ``1e-8``); ``"difference"``: added to the softmax's sum
+        (default 0).
       update_every: recompute the weights every n steps, hold them between.
       accumulate: average the losses of n steps into one history entry (the
-        ratio is then between consecutive averages).
+        scores then compare consecutive averages).
       setpoint: optional ``[K]`` non-negative coefficients multiplying the weights.
       dtype: history dtype (float32 by default; float64 under x64).
+      groups: optional length-K group ids; the terms of a group share one
+        weight, computed from their summed loss.
 
     Returns:
-      A :class:`~softadapt_jax.balancers.base.Balancer` (``weights_sum = K``)
-      whose weights sum to K, times the set-point.
+      A :class:`~softadapt_jax.balancers.base.Balancer` with
+      ``weights_sum = G``.
 
     Raises:
-      ValueError: ``eps`` negative or not finite; invalid ``num_losses``,
-        ``update_every``, ``accumulate``, ``setpoint`` or ``dtype``.
+      ValueError: unknown ``form``; ``beta`` not finite; ``eps`` negative or
+        not finite; invalid ``num_losses``, ``groups``, ``update_every``,
+        ``accumulate``, ``setpoint`` or ``dtype``.
     """
     k = _checks.check_positive_int(num_losses, "num_losses")
-    eps = _checks.check_float(eps, "eps", low=0.0)
+    g = group_count(k, groups)
+    form = _checks.check_choice(form, "form", FORMS)
+    beta = _checks.check_float(beta, "beta")
+    default_eps = RATIO_EPS if form == "ratio" else 0.0
+    eps = _checks.check_float(default_eps if eps is None else eps, "eps", low=0.0)
+    hist_dtype = resolve_dtype(dtype)
 
-    def rule(history: jax.Array, initial: jax.Array, method_state: Any) -> tuple[jax.Array, Any]:
-        del initial
-        r = safe_ratio(history[-1], history[-2], eps)
-        return k * stable_softmax(r, 1.0, eps=0.0), method_state
+    def weights(scores: jax.Array) -> jax.Array:
+        return g * stable_softmax(scores, beta, eps=eps)
+
+    if form == "ratio":
+
+        def rule(history: jax.Array, initial: jax.Array, method_state: Any) -> tuple[jax.Array, Any]:
+            del initial
+            return weights(safe_ratio(history[-1], history[-2], eps)), method_state
+
+        window, init_method_state = 2, ()
+    else:
+
+        def rule(history: jax.Array, initial: jax.Array, method_state: Any) -> tuple[jax.Array, Any]:
+            del initial
+            return weights(history[-1] - method_state["prev"]), {"prev": history[-1]}
+
+        window, init_method_state = 1, {"prev": jnp.ones((g,), hist_dtype)}
 
     return make_balancer(
         rule,
         num_losses=k,
-        window=2,
-        weights_sum=float(k),
+        window=window,
+        weights_sum=float(g),
+        init_method_state=init_method_state,
         update_every=update_every,
         accumulate=accumulate,
         setpoint=setpoint,
-        dtype=dtype,
-        name="ratio_softadapt",
+        dtype=hist_dtype,
+        name="ratio_softadapt" if form == "ratio" else "difference_softadapt",
+        groups=groups,
     )

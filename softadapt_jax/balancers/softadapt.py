@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 
 from softadapt_jax import _checks
-from softadapt_jax.balancers.base import Balancer, make_balancer
+from softadapt_jax.balancers.base import Balancer, group_count, make_balancer
 from softadapt_jax.slopes import resolve_accuracy_order
 from softadapt_jax.weights import REFERENCE_EPS, VARIANTS, SoftAdaptOptions, Variant, _weights
 
@@ -31,6 +32,7 @@ def softadapt_balancer(
     sum_to_k: bool = False,
     eps: float = REFERENCE_EPS,
     dtype: Any = None,
+    groups: Sequence[int] | None = None,
 ) -> Balancer:
     """SoftAdapt weights recomputed from a window of recent losses.
 
@@ -49,10 +51,13 @@ def softadapt_balancer(
         its first recorded value, ``"window_mean"`` by its mean over the window.
       stencil, scale, normalization, sum_to_k, eps: see :class:`SoftAdaptOptions`.
       dtype: history dtype (float32 by default; float64 under x64).
+      groups: optional length-K group ids (see :func:`make_balancer`): the
+        weights are computed from the G group sums of the losses and shared
+        by each group's terms.
 
     Returns:
-      A :class:`Balancer` whose weights sum to 1 (K with ``sum_to_k``), times
-      the set-point.
+      A :class:`Balancer` whose G group weights sum to 1 (G with
+      ``sum_to_k``; G = K without ``groups``), times the set-point.
     """
     _checks.check_choice(variant, "variant", VARIANTS)
     _checks.check_choice(relative_to, "relative_to", SOFTADAPT_REFERENCES)
@@ -61,7 +66,7 @@ def softadapt_balancer(
     )
     window = _checks.check_positive_int(window, "window", minimum=2)
     resolve_accuracy_order(accuracy_order, window)
-    k = _checks.check_positive_int(num_losses, "num_losses")
+    g = group_count(num_losses, groups)
 
     def rule(history: jax.Array, initial: jax.Array, method_state: Any) -> tuple[jax.Array, Any]:
         reference = initial if (opts.scale == "relative" and relative_to == "initial") else None
@@ -73,12 +78,13 @@ def softadapt_balancer(
 
     return make_balancer(
         rule,
-        num_losses=k,
+        num_losses=num_losses,
         window=window,
-        weights_sum=float(k) if opts.sum_to_k else 1.0,
+        weights_sum=float(g) if opts.sum_to_k else 1.0,
         update_every=update_every,
         accumulate=accumulate,
         setpoint=setpoint,
         dtype=dtype,
         name=f"softadapt_{variant}",
+        groups=groups,
     )
