@@ -131,8 +131,8 @@ def check_float(
         elif high is not None:
             interval = f"{'<' if high_open else '<='} {high:g}"
         else:
-            interval = "finite"
-        raise ValueError(f"`{name}` must be a finite number {interval}, got {value!r}.")
+            interval = ""
+        raise ValueError(f"`{name}` must be a finite number{' ' + interval if interval else ''}, got {value!r}.")
     return v
 
 
@@ -141,3 +141,15 @@ def all_finite(*trees: Any) -> jax.Array:
     leaves = [jnp.asarray(x) for t in trees for x in jax.tree.leaves(t)]
     checks = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+# jax.random.PRNGKey takes a seed that fits in 64 signed bits.
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """A PRNG seed as a Python int in ``[0, 2**63 - 1]``, or a TypeError/ValueError naming ``name``."""
+    seed = check_positive_int(value, name, minimum=0)
+    if seed > MAX_SEED:
+        raise ValueError(f"`{name}` must be an integer in [0, 2**63 - 1], got {seed}.")
+    return seed

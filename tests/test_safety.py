@@ -215,3 +215,10 @@ def test_uncertainty_weights_keep_adapting_after_one_extreme_loss(convention) ->
     for _ in range(20):
         w, state = update(jnp.array([3.0, 2.0]), state)  # away from its stationary point
     assert abs(float(w[0]) - float(w_after_spike[0])) > 1e-3  # the first weight still moves
+
+
+@pytest.mark.parametrize("factory", [sj.rlw_balancer, sj.relobralo_balancer])
+def test_seed_beyond_64_bits_is_a_clear_error(factory) -> None:
+    with pytest.raises(ValueError, match=r"`seed` must be an integer in \[0, 2\*\*63 - 1\], got 18446744073709551616"):
+        factory(num_losses=2, seed=2**64)
+    factory(num_losses=2, seed=2**63 - 1).init()

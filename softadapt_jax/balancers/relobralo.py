@@ -248,7 +248,7 @@ def relobralo_balancer(
         conv.expected_rho if expected_rho is None else expected_rho, "expected_rho", low=0.0, high=1.0
     )
     eps = _checks.check_float(conv.eps if eps is None else eps, "eps", low=0.0)
-    seed = _checks.check_positive_int(seed, "seed", minimum=0)
+    seed = _checks.check_seed(seed)
     hist_dtype = resolve_dtype(dtype)
 
     def rule(history: jax.Array, initial: jax.Array, method_state: Any) -> tuple[jax.Array, Any]:

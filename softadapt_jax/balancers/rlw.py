@@ -139,7 +139,7 @@ def rlw_balancer(
     _checks.check_choice(distribution, "distribution", RLW_DISTRIBUTIONS)
     if not isinstance(sum_to_k, bool):
         raise TypeError(f"`sum_to_k` must be a bool, got {sum_to_k!r}.")
-    seed = _checks.check_positive_int(seed, "seed", minimum=0)
+    seed = _checks.check_seed(seed)
     hist_dtype = resolve_dtype(dtype)
     prior = check_setpoint(setpoint, k)
 
