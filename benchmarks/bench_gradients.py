@@ -184,7 +184,9 @@ def median_ratio(a: tuple[float, ...], b: tuple[float, ...]) -> float:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="fewer and shorter rounds (smoke test)")
     p.add_argument("--ks", default="2,4,8", help="comma-separated numbers of losses K (each >= 2)")
     p.add_argument("--repeats", type=int, default=None, help="timing rounds (default 15, quick 3)")

@@ -30,9 +30,11 @@ from softadapt_jax import training
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds per layout (the median is reported)")
     args = parser.parse_args()
     batch = md.make_batch(512)
     n_dev = jax.local_device_count()

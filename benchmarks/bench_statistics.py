@@ -123,7 +123,9 @@ def _flat(tree: Any) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n", 1)[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="few rounds, for a smoke test")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 15, quick 3)")
     args = parser.parse_args()

@@ -576,7 +576,9 @@ def run_processes(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n", 1)[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument(
         "--methods",
         default=",".join(METHODS),
@@ -589,7 +591,7 @@ def main() -> None:
         "--steps",
         type=int,
         default=100,
-        help=f"consecutive steps per method per round, a multiple of {STAT_EVERY} (default 100)",
+        help=f"consecutive steps per method per round, a multiple of {STAT_EVERY}",
     )
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--num-losses", type=int, default=4)

@@ -193,7 +193,9 @@ def check_port_against_reference(max_cases: int = 300) -> tuple[int, float] | No
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n", 1)[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="few rounds, for a smoke test")
     parser.add_argument("--repeats", type=int, default=None, help="timing rounds (default 15, quick 3)")
     parser.add_argument("--batch", type=int, default=100_000, help="histories in the vmapped call")

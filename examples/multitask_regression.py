@@ -204,7 +204,9 @@ def run(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=1500, help=f"training steps, a positive multiple of {CHUNK}")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds to average over (>= 1)")
     p.add_argument(

@@ -17,6 +17,7 @@ Run it with ``python examples/quickstart.py``.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import jax
@@ -66,6 +67,9 @@ def format_weights(weights) -> str:
 
 def main() -> int:
     """Prints the weights of both examples for every variant; returns 0 if all match the README."""
+    argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    ).parse_args()
     examples = {
         3: history_of(LOSS_COMPONENT_1, LOSS_COMPONENT_2, LOSS_COMPONENT_3),
         4: history_of(LOSS_COMPONENT_1, LOSS_COMPONENT_2, LOSS_COMPONENT_3, LOSS_COMPONENT_4),

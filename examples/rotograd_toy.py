@@ -148,7 +148,9 @@ def plot(results: dict[str, dict[str, np.ndarray]], path: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=400, help="training steps (>= 1)")
     p.add_argument("--lr", type=float, default=0.001, help="SGD learning rate of the backbone (> 0)")
     p.add_argument(

@@ -164,8 +164,10 @@ def softadapt(
         array; schedule it with ``optax.inject_hyperparams(softadapt,
         static_args=SOFTADAPT_STATIC_ARGS)``.
       num_losses: K, the number of loss components.
-      variant: ``"loss_weighted"`` (default, the seed's recommendation),
-        ``"original"`` or ``"normalized"``.
+      variant: ``"loss_weighted"`` (default: the variant the original's
+        README recommends for training), ``"original"`` or ``"normalized"``.
+        The pure :func:`~softadapt_jax.softadapt_weights` defaults to
+        ``"original"`` instead, the plain formula of the paper.
       window: history length T (>= 2).
       accuracy_order: finite-difference order, ``None`` = ``window - 1``.
       update_every: recompute the weights every n steps.

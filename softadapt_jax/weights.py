@@ -196,7 +196,11 @@ def softadapt_weights(
     Args:
       history: ``[T, K]`` loss values, oldest first (T time steps, K components).
       beta: scalar temperature (an array; may be traced or vmapped).
-      variant: ``"original"``, ``"normalized"`` or ``"loss_weighted"``.
+      variant: ``"original"`` (default, the paper's plain formula),
+        ``"normalized"`` or ``"loss_weighted"``. The optax transform
+        :func:`~softadapt_jax.softadapt` and ``softadapt_balancer`` default to
+        ``"loss_weighted"`` instead, which the original's README recommends
+        for training.
       accuracy_order: finite-difference order >= 1 over the last ``order + 1``
         values; ``None`` (default) uses ``T - 1``, as the original, capped at
         15 in float32 (:func:`softadapt_jax.slopes.max_stable_order`: a higher

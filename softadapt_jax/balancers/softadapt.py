@@ -41,7 +41,9 @@ def softadapt_balancer(
         ``optax.inject_hyperparams``).
       num_losses: K, the number of loss components.
       variant: ``"original"``, ``"normalized"`` or ``"loss_weighted"`` (the
-        seed README's recommendation, and the default here).
+        default here and in :func:`~softadapt_jax.softadapt`: the original
+        README's recommendation for training; the pure
+        :func:`~softadapt_jax.softadapt_weights` defaults to ``"original"``).
       window: number of history entries (T of :func:`softadapt_weights`), >= 2.
       accuracy_order: finite-difference order; ``None`` uses ``window - 1``.
       update_every: recompute the weights every n steps, hold them between.
