@@ -83,6 +83,8 @@ import optax
 from flax.core import FrozenDict
 from flax.training import train_state
 
+from softadapt_jax.guard import all_finite, keep_if
+
 VARIANTS = ("rotate_only", "rotograd", "rotogradnorm")
 PARAMETRIZATIONS = ("expm", "cayley")
 ROTOGRAD_KEY = "rotograd"
@@ -94,9 +96,10 @@ Metrics = dict[str, jax.Array]
 class RotoGradStats(NamedTuple):
     """The non-trainable RotoGrad state (kept in :class:`RotoGradTrainState`)."""
 
-    step: jax.Array  # int32, training steps so far
+    step: jax.Array  # int32, training steps so far (skipped ones excluded)
     initial_losses: jax.Array  # [K], L_k(t0)
     initial_grad_norms: jax.Array  # [K], ||G_k(t0)||
+    skipped: jax.Array  # int32, steps skipped for non-finite losses, gradients or statistics
 
 
 class RotoGrad(nn.Module):
@@ -226,6 +229,7 @@ def init_rotograd_stats(num_tasks: int) -> RotoGradStats:
         step=jnp.zeros((), jnp.int32),
         initial_losses=jnp.ones((num_tasks,), jnp.float32),
         initial_grad_norms=jnp.ones((num_tasks,), jnp.float32),
+        skipped=jnp.zeros((), jnp.int32),
     )
 
 
@@ -276,14 +280,21 @@ def make_rotograd_train_step(
         device, or ``jit`` with sharded inputs); see :func:`rotograd_gradients`.
 
     Returns:
-      A pure step function; ``metrics`` as in :func:`rotograd_gradients`.
+      A pure step function; ``metrics`` as in :func:`rotograd_gradients`, plus
+      ``skipped`` (bool). A step whose losses, gradients or statistics are not
+      finite changes nothing (parameters, optimizer state, statistics: a nan
+      batch at the burn-in step would otherwise leave ``L(t0)`` nan for good)
+      and is counted in ``state.stats.skipped``.
     """
 
     def step(state: RotoGradTrainState, x: Any, targets: Any) -> tuple[RotoGradTrainState, Metrics]:
         grads, stats, metrics = rotograd_gradients(
             model, state.params, state.stats, x, targets, loss_fn, axis_name=axis_name
         )
-        return state.apply_gradients(grads=grads, stats=stats), metrics
+        ok = all_finite(metrics["losses"], grads, stats)
+        skipped = state.replace(stats=state.stats._replace(skipped=state.stats.skipped + 1))
+        new_state = keep_if(ok, state.apply_gradients(grads=grads, stats=stats), skipped)
+        return new_state, {**metrics, "skipped": jnp.logical_not(ok)}
 
     return step
 
@@ -549,7 +560,7 @@ def rotograd_gradients(
 
     grads = {**model_grads, ROTOGRAD_KEY: rot_grads}
     grads = FrozenDict(grads) if isinstance(params, FrozenDict) else grads
-    new_stats = RotoGradStats(stats.step + 1, initial_losses, initial_grad_norms)
+    new_stats = RotoGradStats(stats.step + 1, initial_losses, initial_grad_norms, stats.skipped)
     metrics = {
         "losses": losses,
         "normalized_losses": normalized,

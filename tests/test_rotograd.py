@@ -418,3 +418,25 @@ def test_pmap_over_four_devices_matches_one_device(name: str, normalize_losses: 
     # The rotations did move, so the comparison covers their (psum-ed) gradient.
     moved = single.params["rotograd"]["rotations"] - params["rotograd"]["rotations"]
     assert float(jnp.max(jnp.abs(moved))) > 1e-3
+
+
+@pytest.mark.parametrize("cls", [RotoGrad, RotoGradNorm])
+def test_nonfinite_step_changes_nothing_and_is_counted(cls) -> None:
+    """Issue 15 item 9: a nan batch at the burn-in step used to leave the statistics nan for good."""
+    kw = {"alpha": 1.0} if cls is RotoGradNorm else {}
+    model, params = build(cls, burn_in_period=1, **kw)
+    tx = rotograd_optimizer(optax.adam(1e-2), optax.adam(1e-3))
+    state = create_rotograd_train_state(model, params, tx)
+    step = jax.jit(make_rotograd_train_step(model, loss_fn))
+    state, _ = step(state, X, Y)  # step 0 records L(t0); step 1 is the burn-in re-recording
+    bad_x = X.at[2, 1].set(jnp.nan)
+    new, metrics = step(state, bad_x, Y)
+    assert bool(metrics["skipped"])
+    assert int(new.stats.skipped) == 1 and int(new.stats.step) == int(state.stats.step)
+    chex.assert_trees_all_equal(new.params, state.params)
+    chex.assert_trees_all_equal(new.opt_state, state.opt_state)
+    chex.assert_trees_all_equal(new.stats._replace(skipped=state.stats.skipped), state.stats)
+    new, metrics = step(new, X, Y)  # the burn-in happens at the next finite step
+    assert not bool(metrics["skipped"])
+    for leaf in jax.tree.leaves((new.params, new.stats)):
+        assert np.all(np.isfinite(np.asarray(leaf)))
