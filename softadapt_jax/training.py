@@ -43,8 +43,14 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from softadapt_jax.balancers.base import group_sum
 from softadapt_jax.gradients.per_component import per_component_grads
-from softadapt_jax.statistics import compute_statistic, statistic_from_grads, statistic_shape
+from softadapt_jax.statistics import (
+    GRADIENT_STATISTICS,
+    compute_statistic,
+    statistic_from_grads,
+    statistic_shape,
+)
 from softadapt_jax.transform import (
     check_losses_match_weights,
     find_balancer_states,
@@ -106,18 +112,42 @@ def _statistic_balancer(opt_state: Any) -> Any:
     return None
 
 
-def _statistic_request(opt_state: Any) -> tuple[str, dict[str, Any], jax.Array, jax.Array] | None:
-    """``(kind, options, due, zeros)`` for the one balancer in ``opt_state`` that needs a statistic.
+class _StatisticRequest(NamedTuple):
+    """What the train step needs to know about the balancer that asks for a gradient statistic."""
+
+    kind: str
+    options: dict[str, Any]
+    groups: tuple[int, ...] | None
+    statistic_at: str
+    due: jax.Array
+    zeros: jax.Array
+
+
+def _statistic_request(opt_state: Any) -> _StatisticRequest | None:
+    """The request of the one balancer in ``opt_state`` that needs a statistic.
 
     ``None`` when no balancer (or more than one) asks for a gradient statistic.
+    Method states without ``groups`` / ``statistic_at`` fields get one group per
+    term and the statistic at the step's own parameters.
     """
     bstate = _statistic_balancer(opt_state)
     if bstate is None:
         return None
-    kind = bstate.method_state.statistic
-    options = dict(getattr(bstate.method_state, "statistic_options", ()))
-    zeros = jnp.zeros(statistic_shape(kind, bstate.weights.shape[0]), bstate.weights.dtype)
-    return kind, options, bstate.recompute_next, zeros
+    ms = bstate.method_state
+    kind = ms.statistic
+    statistic_at = getattr(ms, "statistic_at", "current")
+    if statistic_at not in ("updated", "current"):
+        raise ValueError(f"`statistic_at` must be 'updated' or 'current', got {statistic_at!r}.")
+    # One statistic row per weight group: the history holds one column per group.
+    zeros = jnp.zeros(statistic_shape(kind, bstate.history.shape[-1]), bstate.weights.dtype)
+    return _StatisticRequest(
+        kind=kind,
+        options=dict(getattr(ms, "statistic_options", ())),
+        groups=getattr(ms, "groups", None),
+        statistic_at=statistic_at,
+        due=bstate.recompute_next,
+        zeros=zeros,
+    )
 
 
 def make_train_step(
@@ -138,9 +168,10 @@ def make_train_step(
         (``None`` on one device or under sharded ``jit``).
       has_aux: whether ``f`` returns auxiliary outputs (put in ``metrics["aux"]``).
       residuals_fn: ``r(params, batch) -> K arrays`` of per-point residuals,
-        needed only by the NTK balancer. It must work row by row: given a
-        one-row batch (row i of every leaf) it returns point i of each
-        residual, as PINN collocation sets do.
+        needed only by the NTK balancer (see
+        :func:`softadapt_jax.statistics.compute_statistic`: terms that work
+        row by row, as PINN collocation sets do, cost one one-point backward
+        pass per point).
       recompute: for balancers that need a gradient statistic: ``None``
         (default) decides on the device, from the balancer's
         ``recompute_next``, with a ``lax.cond``; ``True`` builds the step that
@@ -157,6 +188,16 @@ def make_train_step(
     ``lax.cond`` between the plain step (one backward pass) and the step that
     also computes the statistic. For a step built once and used anywhere
     (``jit``, ``pmap``, inside ``lax.scan``).
+
+    Where the statistic is evaluated is the balancer's choice (its method
+    state's ``statistic_at``): ``"updated"`` (the original implementations)
+    takes the step's weighted gradient and optimizer update as usual, then
+    the statistic of the group-summed losses at the updated parameters on
+    the same batch (G more backward passes); ``"current"`` takes it at the
+    step's own parameters, where for the gradient statistics the K
+    per-component backward passes also give the step's gradient (no
+    separate weighted pass). Either way the weights recomputed on a step
+    apply from the next step on.
 
     Returns:
       A pure step function; ``metrics`` holds ``losses`` ``[K]``, ``weights``
@@ -187,22 +228,38 @@ def make_train_step(
             metrics["aux"] = values[2]
         return state, metrics
 
-    def balanced_step(
-        state: BalancedTrainState, batch: Any, statistics: jax.Array | None
-    ) -> tuple[BalancedTrainState, Metrics]:
+    def weighted_grads(state: BalancedTrainState, batch: Any) -> tuple[jax.Array, tuple[Any, ...], Any]:
         weights = get_weights(state.opt_state)
         grad_fn = value_and_weighted_grad(loss_components_fn, argnums=0, has_aux=has_aux)
         values, grads = grad_fn(weights, state.params, batch)
         if axis_name is not None:
             (total, losses), grads = jax.lax.pmean((values[:2], grads), axis_name)
             values = (total, losses, *values[2:])
-        return finish(state, weights, values, grads, statistics)
+        return weights, values, grads
 
-    def per_component_step(
-        state: BalancedTrainState, batch: Any, kind: str, dtype: Any
+    def balanced_step(
+        state: BalancedTrainState, batch: Any, statistics: jax.Array | None
     ) -> tuple[BalancedTrainState, Metrics]:
-        # One forward and K backward passes give both the statistic and, as their weighted sum,
-        # the step's gradient: no separate weighted backward pass on the recompute steps.
+        return finish(state, *weighted_grads(state, batch), statistics)
+
+    def statistic_at(params: Any, batch: Any, request: _StatisticRequest) -> jax.Array:
+        stats = compute_statistic(
+            request.kind,
+            plain_fn,
+            params,
+            batch,
+            residuals_fn=residuals_fn,
+            axis_name=axis_name,
+            groups=request.groups,
+            **request.options,
+        )
+        return stats.astype(request.zeros.dtype)
+
+    def shared_step(
+        state: BalancedTrainState, batch: Any, request: _StatisticRequest
+    ) -> tuple[BalancedTrainState, Metrics]:
+        # statistic_at="current", gradient statistics: one forward and K backward passes give both
+        # the statistic and, as their weighted sum, the step's gradient.
         weights = get_weights(state.opt_state)
         out, per_component = per_component_grads(loss_components_fn, has_aux=has_aux, vmap_vjps=False)(
             state.params, batch
@@ -214,27 +271,43 @@ def make_train_step(
         w = check_losses_match_weights(losses, weights)
         grads = jax.tree.map(lambda g: jnp.tensordot(w.astype(g.dtype), g, axes=1), per_component)
         values = (jnp.vdot(w, losses), losses) + ((aux,) if has_aux else ())
-        stats = statistic_from_grads(kind, per_component).astype(dtype)
+        grouped = jax.tree.map(lambda g: group_sum(g, request.groups), per_component)
+        stats = statistic_from_grads(
+            request.kind, grouped, losses=group_sum(losses, request.groups), **request.options
+        )
+        return finish(state, weights, values, grads, stats.astype(request.zeros.dtype))
+
+    def updated_step(
+        state: BalancedTrainState, batch: Any, request: _StatisticRequest
+    ) -> tuple[BalancedTrainState, Metrics]:
+        # statistic_at="updated": the statistic at the parameters after this step's update, on
+        # the same batch. The optimizer's updates do not depend on the statistic (the balancer
+        # only passes the gradient through), so a first call with the zero statistic gives the
+        # updated parameters; its work is the same as the second call's, which XLA's common
+        # subexpression elimination can share.
+        weights, values, grads = weighted_grads(state, batch)
+        updates, _ = state.tx.update(
+            grads, state.opt_state, state.params, losses=values[1], statistics=request.zeros
+        )
+        stats = statistic_at(optax.apply_updates(state.params, updates), batch, request)
         return finish(state, weights, values, grads, stats)
 
     def step(state: BalancedTrainState, batch: Any) -> tuple[BalancedTrainState, Metrics]:
         request = _statistic_request(state.opt_state)
         if request is None:
             return balanced_step(state, batch, None)
-        kind, options, due, zeros = request
 
         def with_statistic(state: BalancedTrainState, batch: Any) -> tuple[BalancedTrainState, Metrics]:
-            if kind != "ntk_trace":
-                return per_component_step(state, batch, kind, zeros.dtype)
-            stats = compute_statistic(
-                kind, plain_fn, state.params, batch, residuals_fn=residuals_fn, axis_name=axis_name, **options
-            )
-            return balanced_step(state, batch, stats.astype(zeros.dtype))
+            if request.statistic_at == "updated":
+                return updated_step(state, batch, request)
+            if request.kind in GRADIENT_STATISTICS:
+                return shared_step(state, batch, request)
+            return balanced_step(state, batch, statistic_at(state.params, batch, request))
 
         def without_statistic(state: BalancedTrainState, batch: Any) -> tuple[BalancedTrainState, Metrics]:
-            # Zeros give non-finite estimates (learning-rate annealing's reference keeps its
-            # fixed 1), which the built-in rules skip: a due balancer keeps its weights.
-            return balanced_step(state, batch, zeros)
+            # Zeros give non-finite estimates, which the built-in rules skip: a due balancer
+            # keeps its weights.
+            return balanced_step(state, batch, request.zeros)
 
         if recompute is not None:
             return (with_statistic if recompute else without_statistic)(state, batch)
@@ -244,7 +317,7 @@ def make_train_step(
         # under a cond around everything a hold step measured 0.90x a fixed-weight step with
         # one forward pass per loss term and 1.02x with one shared forward pass
         # (benchmarks/RESULTS.md, section 2).
-        return jax.lax.cond(due, with_statistic, without_statistic, state, batch)
+        return jax.lax.cond(request.due, with_statistic, without_statistic, state, batch)
 
     return step
 
@@ -258,13 +331,15 @@ class _Schedule(NamedTuple):
     window: int
     update_every: int
     accumulate: int
+    update_first: bool
 
     @property
     def due(self) -> bool:
         """Whether the step on a state with these counters recomputes (``BalancerState.recompute_next``)."""
         push = self.accum_count + 1 >= self.accumulate
         full = min(self.filled + 1, self.window) >= self.window
-        return push and full and (self.count + 1) % self.update_every == 0
+        phase = 0 if self.update_first else self.update_every - 1
+        return push and full and self.count % self.update_every == phase
 
     def advanced(self) -> _Schedule:
         """The counters after one accepted step (as ``make_balancer``'s update moves them)."""
@@ -273,23 +348,32 @@ class _Schedule(NamedTuple):
         filled = min(self.filled + 1, self.window) if push else self.filled
         # Positional construction: a third of the host time of _replace, on every step.
         accum_count = 0 if push else accum_count
-        return _Schedule(self.count + 1, filled, accum_count, self.window, self.update_every, self.accumulate)
+        return _Schedule(
+            self.count + 1,
+            filled,
+            accum_count,
+            self.window,
+            self.update_every,
+            self.accumulate,
+            self.update_first,
+        )
 
 
 def _read_schedule(bstate: Any) -> _Schedule | None:
     """The balancer's counters, read from the device (this waits for them), and its schedule.
 
-    ``None`` when the balancer's method state does not declare a static ``schedule``.
+    ``None`` when the balancer's method state does not declare a static
+    ``schedule`` (``(window, update_every, accumulate[, update_first])``).
     """
     schedule = getattr(bstate.method_state, "schedule", None)
     if schedule is None:
         return None
-    # Replica 0 of a replicated state; one transfer for the three counters.
-    filled, count, accum_count = (
-        int(np.asarray(c).reshape(-1)[0])
-        for c in jax.device_get((bstate.filled, bstate.count, bstate.accum_count))
-    )
-    return _Schedule(count, filled, accum_count, *schedule)
+    window, update_every, accumulate, *rest = schedule
+    update_first = bool(rest[0]) if rest else False
+    # One transfer of the three counters (replica 0 of a replicated state).
+    counters = jax.device_get((bstate.count, bstate.filled, bstate.accum_count))
+    count, filled, accum_count = (int(np.asarray(c).reshape(-1)[0]) for c in counters)
+    return _Schedule(count, filled, accum_count, window, update_every, accumulate, update_first)
 
 
 class ScheduledTrainStep:

@@ -38,12 +38,12 @@ def balancer_state(state: training.BalancedTrainState) -> sj.BalancerState:
 
 
 @pytest.mark.parametrize("factory", FACTORIES)
-@pytest.mark.parametrize("every", [1, 3])
-def test_equals_on_device_cond_with_rejected_steps(factory, every: int) -> None:
-    # Non-finite batches on a recompute step (3, 6 with every=3) and around it: the balancer
-    # rejects them and stays due, which the host copy of the schedule must not miss.
-    bad_steps = {2, 5, 6, 10}
-    state = make_state(factory(num_losses=3, update_every=every))
+@pytest.mark.parametrize("every, update_first", [(1, True), (3, True), (3, False)])
+def test_equals_on_device_cond_with_rejected_steps(factory, every: int, update_first: bool) -> None:
+    # Non-finite batches on recompute steps and around them: the balancer rejects them and stays
+    # due, which the host copy of the schedule must not miss.
+    bad_steps = {1, 2, 5, 6, 10}
+    state = make_state(factory(num_losses=3, update_every=every, update_first=update_first))
     on_device = jax.jit(training.make_train_step(loss_components, residuals_fn=residuals))
     scheduled = training.jit_train_step(loss_components, residuals_fn=residuals)
     a, b = state, state
@@ -60,17 +60,20 @@ def test_equals_on_device_cond_with_rejected_steps(factory, every: int) -> None:
 
 
 @pytest.mark.parametrize("factory", [sj.lr_annealing_balancer, sj.grad_norm_balancer])
-def test_backward_passes_and_device_reads(factory) -> None:
+@pytest.mark.parametrize("statistic_at", ["updated", "current"])
+def test_backward_passes_and_device_reads(factory, statistic_at: str) -> None:
     counter: list[int] = []
     step = training.jit_train_step(counting_loss(counter))
-    state = make_state(factory(num_losses=3, update_every=4))
+    state = make_state(factory(num_losses=3, update_every=4, statistic_at=statistic_at))
     calls = backward_passes_per_step(step, state, counter, 12)
     leaves = len(jax.tree.leaves(init_params()))
-    # Steps 4, 8, 12 recompute with K = 3 backward passes; every other step takes one.
-    assert calls == [leaves, leaves, leaves, 3 * leaves] * 3
-    # The counters are read once for the new state, then once after each recompute but the
-    # last (whose next step has not been asked for yet): 3 reads in 12 steps.
-    assert step.syncs == 3
+    # Steps 0, 4, 8 (0-based) recompute; every other step takes one backward pass. "current"
+    # takes K = 3 passes there, "updated" the step's own pass and K = 3 at the new parameters.
+    recompute = (4 if statistic_at == "updated" else 3) * leaves
+    assert calls == [recompute, leaves, leaves, leaves] * 3
+    # The counters are read once for the new state, then once after each recompute (the next
+    # step has been asked for each time): 4 reads in 12 steps.
+    assert step.syncs == 4
 
 
 def test_hold_step_has_no_conditional() -> None:
@@ -87,13 +90,16 @@ def test_hold_step_has_no_conditional() -> None:
 
 
 @pytest.mark.parametrize("window, every, accumulate", [(1, 4, 1), (3, 2, 2), (2, 5, 3)])
-def test_host_schedule_follows_the_balancer(window: int, every: int, accumulate: int) -> None:
+@pytest.mark.parametrize("update_first", [False, True])
+def test_host_schedule_follows_the_balancer(
+    window: int, every: int, accumulate: int, update_first: bool
+) -> None:
     # The host copy against make_balancer's own counters, through accepted and rejected steps.
     def rule(history, initial, ms, stats):
         del history, initial
         return jnp.ones(2) + stats, ms
 
-    ms = GradientWeightingState(ema=jnp.ones(2), schedule=(window, every, accumulate))
+    ms = GradientWeightingState(ema=jnp.ones(2), schedule=(window, every, accumulate, update_first))
     bal = make_balancer(
         rule,
         num_losses=2,
@@ -103,6 +109,7 @@ def test_host_schedule_follows_the_balancer(window: int, every: int, accumulate:
         update_every=every,
         accumulate=accumulate,
         statistic="grad_norm",
+        update_first=update_first,
     )
     update = jax.jit(bal.update)
     state = bal.init()
@@ -197,3 +204,20 @@ def test_precompile_then_run() -> None:
         state, metrics = step(state, X)
     chex.assert_tree_all_finite(metrics)
     assert int(balancer_state(state).count) == 3
+
+
+def test_three_field_schedule_means_update_at_the_end_of_each_period() -> None:
+    # Method states written before update_first existed declare (window, update_every, accumulate).
+    ms = GradientWeightingState(ema=jnp.ones(2), schedule=(1, 3, 1))
+    bal = make_balancer(
+        lambda h, i, m, s: (jnp.ones(2), m),
+        num_losses=2,
+        window=1,
+        weights_sum=2.0,
+        init_method_state=ms,
+        update_every=3,
+        statistic="grad_norm",
+    )
+    host = training._read_schedule(bal.init())
+    assert not host.update_first
+    assert [host.due, host.advanced().due, host.advanced().advanced().due] == [False, False, True]

@@ -87,7 +87,7 @@ def test_sharded_jit_matches_single_device(batch: dict) -> None:
 
 @pytest.mark.parametrize("balancer", ["softadapt", "grad_norm"])
 def test_wrong_length_loss_vector_names_shapes(batch: dict, balancer: str) -> None:
-    # grad_norm's step is a cond whose recompute branch (traced first) takes the per-component path.
+    # grad_norm's step is a cond whose recompute branch (traced first) also computes the statistic.
     def two_losses(params, b):
         return mw.loss_components(params, b)[:2]
 
