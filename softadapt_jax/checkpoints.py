@@ -93,6 +93,11 @@ def _first_mismatch(stored: Any, expected: Any, where: tuple[str, ...]) -> str |
     s, e = np.asarray(stored), np.asarray(expected)
     if s.shape != e.shape:
         return f"at {at} the file has shape {s.shape}, the target {e.shape}"
-    if s.dtype != e.dtype:
+    # A Python number in the target (a fresh TrainState's step = 0) has no dtype of its
+    # own: only its kind (integer, float, bool) is checked.
+    python_number = isinstance(expected, (bool, int, float))
+    if python_number and s.dtype.kind != e.dtype.kind:
+        return f"at {at} the file has dtype {s.dtype}, the target a Python {type(expected).__name__}"
+    if not python_number and s.dtype != e.dtype:
         return f"at {at} the file has dtype {s.dtype}, the target {e.dtype}"
     return None

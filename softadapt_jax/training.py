@@ -30,7 +30,6 @@ and works on the same pytree.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -44,7 +43,9 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from softadapt_jax.balancers.base import group_sum
+from softadapt_jax import checkpoints
 from softadapt_jax.gradients.per_component import per_component_grads
+from softadapt_jax.guard import all_finite, count_skipped, keep_if
 from softadapt_jax.statistics import (
     GRADIENT_STATISTICS,
     compute_statistic,
@@ -157,6 +158,7 @@ def make_train_step(
     has_aux: bool = False,
     residuals_fn: Callable[..., Any] | None = None,
     recompute: bool | None = None,
+    guard: bool = True,
 ) -> Callable[[BalancedTrainState, Any], tuple[BalancedTrainState, Metrics]]:
     """Builds ``step(state, batch) -> (state, metrics)`` with one backward pass.
 
@@ -199,18 +201,29 @@ def make_train_step(
     separate weighted pass). Either way the weights recomputed on a step
     apply from the next step on.
 
+    With ``guard=True`` (default) a step whose losses or gradients are not
+    finite changes nothing: parameters, optimizer and balancer state stay as
+    they were, the balancers in the optimizer state count it in ``rejected``,
+    ``state.step`` does not advance, ``metrics["skipped"]`` is True, and
+    training goes on (:mod:`softadapt_jax.guard`; one select per leaf, in the
+    same compiled step). ``guard=False`` applies every step as it comes.
+
     Returns:
       A pure step function; ``metrics`` holds ``losses`` ``[K]``, ``weights``
-      ``[K]`` (the ones used in this step), ``total`` (``sum_k w_k L_k``) and
-      ``loss`` (the plain sum).
+      ``[K]`` (the ones used in this step), ``total`` (``sum_k w_k L_k``),
+      ``loss`` (the plain sum) and ``skipped`` (bool).
 
     Raises:
       ValueError (at trace time): the loss function's output is not ``[K]``
         with K the balancer's number of losses.
-      TypeError: ``recompute`` is not ``None`` or a bool.
+      TypeError: ``recompute`` is not ``None`` or a bool, ``guard`` not a
+        bool, or ``state`` is not a :class:`BalancedTrainState` (Flax's own
+        ``TrainState`` would drop the losses).
     """
     if recompute is not None and not isinstance(recompute, bool):
         raise TypeError(f"`recompute` must be None, True or False, got {recompute!r}.")
+    if not isinstance(guard, bool):
+        raise TypeError(f"`guard` must be a bool, got {guard!r}.")
 
     plain_fn = (lambda p, b: loss_components_fn(p, b)[0]) if has_aux else loss_components_fn
 
@@ -222,8 +235,18 @@ def make_train_step(
         statistics: jax.Array | None,
     ) -> tuple[BalancedTrainState, Metrics]:
         total, losses = values[0], values[1]
-        state = state.apply_gradients(grads=grads, losses=losses, statistics=statistics)
-        metrics = {"losses": losses, "weights": weights, "total": total, "loss": jnp.sum(losses)}
+        new_state = state.apply_gradients(grads=grads, losses=losses, statistics=statistics)
+        ok = all_finite(losses, grads) if guard else jnp.asarray(True)
+        if guard:
+            new_state = keep_if(ok, new_state, state.replace(opt_state=count_skipped(state.opt_state)))
+        state = new_state
+        metrics = {
+            "losses": losses,
+            "weights": weights,
+            "total": total,
+            "loss": jnp.sum(losses),
+            "skipped": jnp.logical_not(ok),
+        }
         if has_aux:
             metrics["aux"] = values[2]
         return state, metrics
@@ -293,6 +316,12 @@ def make_train_step(
         return finish(state, weights, values, grads, stats)
 
     def step(state: BalancedTrainState, batch: Any) -> tuple[BalancedTrainState, Metrics]:
+        if not isinstance(state, BalancedTrainState):
+            raise TypeError(
+                f"`state` must be a softadapt_jax.training.BalancedTrainState, got {type(state).__name__}: "
+                "Flax's own TrainState.apply_gradients does not pass the losses to the optimizer, so "
+                "the balancer would never see them. Create it with BalancedTrainState.create(...)."
+            )
         request = _statistic_request(state.opt_state)
         if request is None:
             return balanced_step(state, batch, None)
@@ -524,7 +553,24 @@ def make_pmap_train_step(
     step = make_train_step(
         loss_components_fn, axis_name=axis_name, has_aux=has_aux, residuals_fn=residuals_fn
     )
-    return jax.pmap(step, axis_name=axis_name)
+    pstep = jax.pmap(step, axis_name=axis_name)
+
+    def checked(state: BalancedTrainState, batch: Any) -> tuple[BalancedTrainState, Metrics]:
+        # pmap's own error for a batch without the device axis is a bare shape mismatch.
+        n_dev = jax.local_device_count()
+        for name, tree in (("batch", batch), ("state", state)):
+            shapes = {tuple(np.shape(x)) for x in jax.tree.leaves(tree)}
+            bad = sorted(sh for sh in shapes if not sh or sh[0] != n_dev)
+            if bad:
+                fix = "shard_batch(batch)" if name == "batch" else "replicate(state)"
+                raise ValueError(
+                    f"make_pmap_train_step: every leaf of `{name}` needs a leading axis of the "
+                    f"{n_dev} local devices; got shapes {bad[:3]}. Pass it through "
+                    f"softadapt_jax.training.{fix}."
+                )
+        return pstep(state, batch)
+
+    return checked
 
 
 def replicate(tree: Any) -> Any:
@@ -614,20 +660,6 @@ def make_sharded_train_step(
     return step, place
 
 
-def save_checkpoint(path: str | os.PathLike[str], state: Any) -> None:
-    """Writes ``state`` (train state, balancer included) as msgpack bytes.
-
-    The file is written to a temporary name and renamed, so a crash never
-    leaves a half-written checkpoint.
-    """
-    data = flax.serialization.to_bytes(jax.device_get(state))
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def restore_checkpoint(path: str | os.PathLike[str], target: Any) -> Any:
-    """Reads a checkpoint written by :func:`save_checkpoint` into the structure of ``target``."""
-    with open(path, "rb") as f:
-        return flax.serialization.from_bytes(target, f.read())
+save_checkpoint = checkpoints.save_checkpoint
+restore_checkpoint = checkpoints.restore_checkpoint
+CheckpointError = checkpoints.CheckpointError

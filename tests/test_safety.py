@@ -222,3 +222,76 @@ def test_seed_beyond_64_bits_is_a_clear_error(factory) -> None:
     with pytest.raises(ValueError, match=r"`seed` must be an integer in \[0, 2\*\*63 - 1\], got 18446744073709551616"):
         factory(num_losses=2, seed=2**64)
     factory(num_losses=2, seed=2**63 - 1).init()
+
+
+# ----------------------------------------------------------------------------- item 1: the Linen step guard
+def _linen_state(tx):
+    from softadapt_jax import training
+
+    params = {"w": jnp.array([0.5, -0.3, 0.8])}
+    return training.BalancedTrainState.create(apply_fn=None, params=params, tx=tx)
+
+
+def _log_losses(params, batch):
+    pred = batch["x"] @ params["w"]
+    # log of 0 when the batch asks for it: a nan that arises inside the computation, in the
+    # loss and in its gradient.
+    return jnp.stack([jnp.mean((pred - batch["y"]) ** 2), -jnp.mean(jnp.log(batch["p"] * pred**2))])
+
+
+def test_linen_step_skips_a_step_whose_loss_turns_nan() -> None:
+    from softadapt_jax import training
+
+    tx = optax.chain(sj.softadapt(0.1, num_losses=2, window=3), optax.adam(1e-2))
+    state = _linen_state(tx)
+    step = jax.jit(training.make_train_step(_log_losses))
+    good = {"x": jnp.ones((4, 3)), "y": jnp.zeros(4), "p": jnp.full(4, 0.5)}
+    bad = {**good, "p": good["p"].at[1].set(0.0)}
+    for _ in range(3):
+        state, _ = step(state, good)
+    before = state
+    state, metrics = step(state, bad)
+    assert bool(metrics["skipped"]) and int(state.step) == int(before.step)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    (b_old,), (b_new,) = sj.find_balancer_states(before.opt_state), sj.find_balancer_states(state.opt_state)
+    assert int(b_new.rejected) == int(b_old.rejected) + 1
+    for _ in range(3):
+        state, metrics = step(state, good)
+    assert not bool(metrics["skipped"])
+    assert np.all(np.isfinite(np.asarray(state.params["w"])))
+
+
+def test_unguarded_linen_step_shows_what_the_guard_prevents() -> None:
+    from softadapt_jax import training
+
+    tx = optax.chain(sj.softadapt(0.1, num_losses=2, window=3), optax.adam(1e-2))
+    state = _linen_state(tx)
+    step = jax.jit(training.make_train_step(_log_losses, guard=False))
+    bad = {"x": jnp.ones((4, 3)), "y": jnp.zeros(4), "p": jnp.zeros(4)}
+    state, _ = step(state, bad)
+    assert not np.all(np.isfinite(np.asarray(state.params["w"])))
+
+
+def test_flax_train_state_is_named_in_the_error() -> None:
+    from flax.training import train_state
+
+    from softadapt_jax import training
+
+    tx = optax.chain(sj.softadapt(0.1, num_losses=2), optax.sgd(0.1))
+    state = train_state.TrainState.create(apply_fn=None, params={"w": jnp.zeros(3)}, tx=tx)
+    with pytest.raises(TypeError, match=r"must be a softadapt_jax.training.BalancedTrainState, got TrainState"):
+        training.make_train_step(_log_losses)(state, {})
+
+
+def test_pmap_batch_without_device_axis_names_shard_batch() -> None:
+    from softadapt_jax import training
+
+    tx = optax.chain(sj.softadapt(0.1, num_losses=2), optax.sgd(0.1))
+    state = training.replicate(_linen_state(tx))
+    pstep = training.make_pmap_train_step(_log_losses)
+    batch = {"x": jnp.ones((8, 3)), "y": jnp.zeros(8), "p": jnp.ones(8)}
+    with pytest.raises(ValueError, match=r"leading axis of the 4 local devices.*shard_batch\(batch\)"):
+        pstep(state, batch)
+    with pytest.raises(ValueError, match=r"`state`.*replicate\(state\)"):
+        pstep(_linen_state(tx), training.shard_batch(batch))
