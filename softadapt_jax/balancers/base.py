@@ -386,6 +386,12 @@ def make_balancer(
             )
         if statistics is not None:
             statistics = jax.lax.stop_gradient(jnp.asarray(statistics))
+            if statistic is not None and (statistics.ndim == 0 or statistics.shape[0] != g):
+                raise ValueError(
+                    f"`statistics` for the {name} balancer must have one row per weight group "
+                    f"({g} rows: the {statistic!r} statistic of each group's summed loss), got shape "
+                    f"{tuple(statistics.shape)}."
+                )
         if state.history.shape != (window, g) or state.weights.shape != (k,):
             raise ValueError(
                 f"`state` has history {tuple(state.history.shape)} and weights "
