@@ -3,6 +3,8 @@
 Public names are re-exported here; see README.md for a tour.
 """
 
+# The Flax layers and helper modules, reachable as attributes (``sj.training``, ...) like ``sj.gradients``.
+from softadapt_jax import checkpoints, guard, nnx_training, training
 from softadapt_jax.balancers import (
     Balancer,
     BalancerState,
@@ -77,6 +79,7 @@ __all__ = [
     "balance",
     "cagrad",
     "cagrad_weights",
+    "checkpoints",
     "compute_statistic",
     "create_rotograd_train_state",
     "dwa_balancer",
@@ -88,6 +91,7 @@ __all__ = [
     "gradnorm",
     "gradnorm_weights",
     "gramian",
+    "guard",
     "layer_grad_norms",
     "lr_annealing_balancer",
     "make_balancer",
@@ -95,6 +99,7 @@ __all__ = [
     "make_rotograd_train_step",
     "mgda",
     "mgda_weights",
+    "nnx_training",
     "ntk_balancer",
     "pcgrad",
     "pcgrad_weights",
@@ -110,6 +115,7 @@ __all__ = [
     "softadapt_weights",
     "stable_softmax",
     "stacked_gramian",
+    "training",
     "uncertainty_balancer",
     "value_and_weighted_grad",
 ]

@@ -28,9 +28,12 @@ from softadapt_jax.gradients.combiners import (
     random_orders,
 )
 from softadapt_jax.gradients.gradnorm import (
+    GRADNORM_CONVENTIONS,
+    GradNormInfo,
     GradNormState,
     component_norms,
     gradnorm,
+    gradnorm_init,
     gradnorm_step,
     gradnorm_targets,
     gradnorm_weights,
@@ -48,10 +51,12 @@ from softadapt_jax.gradients.per_component import (
 __all__ = [
     "CAGRAD_RESCALES",
     "CONVENTIONS",
+    "GRADNORM_CONVENTIONS",
     "GRAMIAN_METHODS",
     "MGDA_COMBINES",
     "MGDA_CONVENTIONS",
     "MGDA_NORMALIZATIONS",
+    "GradNormInfo",
     "GradNormState",
     "PCGradState",
     "cagrad",
@@ -60,6 +65,7 @@ __all__ = [
     "cagrad_weights",
     "component_norms",
     "gradnorm",
+    "gradnorm_init",
     "gradnorm_step",
     "gradnorm_targets",
     "gradnorm_weights",
