@@ -132,7 +132,8 @@ def check_float(
             interval = f"{'<' if high_open else '<='} {high:g}"
         else:
             interval = ""
-        raise ValueError(f"`{name}` must be a finite number{' ' + interval if interval else ''}, got {value!r}.")
+        bound = f" {interval}" if interval else ""
+        raise ValueError(f"`{name}` must be a finite number{bound}, got {value!r}.")
     return v
 
 

@@ -89,7 +89,9 @@ def _first_mismatch(stored: Any, expected: Any, where: tuple[str, ...]) -> str |
     if isinstance(stored, Mapping):
         return f"at {at} the file has a mapping, the target a {type(expected).__name__}"
     if expected is None or stored is None:
-        return None if expected is stored else f"at {at} one side is None: file {stored!r}, target {expected!r}"
+        if expected is stored:
+            return None
+        return f"at {at} one side is None: file {stored!r}, target {expected!r}"
     s, e = np.asarray(stored), np.asarray(expected)
     if s.shape != e.shape:
         return f"at {at} the file has shape {s.shape}, the target {e.shape}"

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from softadapt_jax._checks import all_finite
 from softadapt_jax.balancers.base import BalancerState
 
-__all__ = ["all_finite", "count_skipped", "guard_step", "keep_if"]
+__all__ = ["all_finite", "count_skipped", "guard_step", "keep_if", "step_metrics"]
 
 
 def keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
@@ -48,3 +48,19 @@ def count_skipped(opt_state: Any) -> Any:
 def guard_step(ok: jax.Array, new_opt_state: Any, old_opt_state: Any) -> Any:
     """The optimizer state after a guarded step: the new one if ``ok``, else the old one, counted."""
     return keep_if(ok, new_opt_state, count_skipped(old_opt_state))
+
+
+def step_metrics(
+    losses: jax.Array, weights: jax.Array, total: jax.Array, ok: jax.Array, aux: Any = None, *, has_aux: bool
+) -> dict[str, Any]:
+    """The metrics every train step returns: losses, weights, weighted and plain sums, skipped (and aux)."""
+    metrics = {
+        "losses": losses,
+        "weights": weights,
+        "total": total,
+        "loss": jnp.sum(losses),
+        "skipped": jnp.logical_not(ok),
+    }
+    if has_aux:
+        metrics["aux"] = aux
+    return metrics

@@ -6,7 +6,8 @@ arguments to ``tx.update``, so a balancer in the optax chain receives
 ``losses=`` as with Linen. :func:`make_nnx_train_step` builds the step::
 
     model = MyModel(rngs=nnx.Rngs(0))
-    optimizer = nnx.Optimizer(model, optax.chain(sj.softadapt(0.1, num_losses=3), optax.adam(1e-3)), wrt=nnx.Param)
+    tx = optax.chain(sj.softadapt(0.1, num_losses=3), optax.adam(1e-3))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     step = nnx.jit(make_nnx_train_step(loss_components))   # loss_components(model, batch) -> [K]
     for batch in batches:
         metrics = step(model, optimizer, batch)
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from softadapt_jax.guard import all_finite, count_skipped, keep_if
+from softadapt_jax.guard import all_finite, count_skipped, keep_if, step_metrics
 from softadapt_jax.transform import check_losses_match_weights, get_weights
 
 
@@ -80,15 +81,6 @@ def make_nnx_train_step(
             opt_state = keep_if(ok, nnx.as_pure(optimizer.opt_state), count_skipped(old_opt_state))
             nnx.update(optimizer.opt_state, nnx.state(opt_state))
             optimizer.step[...] = jnp.where(ok, optimizer.step[...], old_step)
-        metrics = {
-            "losses": losses,
-            "weights": weights,
-            "total": total,
-            "loss": jnp.sum(losses),
-            "skipped": jnp.logical_not(ok),
-        }
-        if has_aux:
-            metrics["aux"] = aux
-        return metrics
+        return step_metrics(losses, weights, total, ok, aux, has_aux=has_aux)
 
     return step

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax
-import flax.serialization
+import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,10 +42,10 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from softadapt_jax.balancers.base import group_sum
 from softadapt_jax import checkpoints
+from softadapt_jax.balancers.base import group_sum
 from softadapt_jax.gradients.per_component import per_component_grads
-from softadapt_jax.guard import all_finite, count_skipped, keep_if
+from softadapt_jax.guard import all_finite, count_skipped, keep_if, step_metrics
 from softadapt_jax.statistics import (
     GRADIENT_STATISTICS,
     compute_statistic,
@@ -239,17 +239,8 @@ def make_train_step(
         ok = all_finite(losses, grads) if guard else jnp.asarray(True)
         if guard:
             new_state = keep_if(ok, new_state, state.replace(opt_state=count_skipped(state.opt_state)))
-        state = new_state
-        metrics = {
-            "losses": losses,
-            "weights": weights,
-            "total": total,
-            "loss": jnp.sum(losses),
-            "skipped": jnp.logical_not(ok),
-        }
-        if has_aux:
-            metrics["aux"] = values[2]
-        return state, metrics
+        aux = values[2] if has_aux else None
+        return new_state, step_metrics(losses, weights, total, ok, aux, has_aux=has_aux)
 
     def weighted_grads(state: BalancedTrainState, batch: Any) -> tuple[jax.Array, tuple[Any, ...], Any]:
         weights = get_weights(state.opt_state)

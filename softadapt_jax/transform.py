@@ -56,7 +56,9 @@ def _check_update_shapes(updates: Any, params: Any, num_losses: int, per_compone
     u_leaves, u_def = jax.tree.flatten(updates)
     p_leaves, p_def = jax.tree.flatten(params)
     if u_def != p_def:
-        raise ValueError(f"`updates` and `params` must have the same tree structure, got {u_def} and {p_def}.")
+        raise ValueError(
+            f"`updates` and `params` must have the same tree structure, got {u_def} and {p_def}."
+        )
     for i, (g, p) in enumerate(zip(u_leaves, p_leaves, strict=True)):
         g_shape, p_shape = tuple(jnp.shape(g)), tuple(jnp.shape(p))
         expected = (num_losses, *p_shape) if per_component else p_shape

@@ -142,7 +142,9 @@ def stable_softmax(
     if prior is not None:
         prior = _checks.as_float_array(prior, "prior").astype(x.dtype)
         if prior.shape != x.shape:
-            raise ValueError(f"`prior` must have the shape of `x`, {tuple(x.shape)}, got {tuple(prior.shape)}.")
+            raise ValueError(
+                f"`prior` must have the shape of `x`, {tuple(x.shape)}, got {tuple(prior.shape)}."
+            )
         prior = jnp.clip(jnp.nan_to_num(prior, nan=0.0, posinf=big), 0.0, big)
         positive = prior > 0
         log_prior = jnp.log(jnp.where(positive, prior, 1.0))
@@ -152,8 +154,11 @@ def stable_softmax(
     z_max = jnp.where(has_mass, z_max, 0.0)
     e = jnp.exp(z - z_max)
     # exp(<= 0) without a prior: underflows to 0 exactly where the original overflows.
-    eps_exponent = jnp.minimum(ref_shift - z_max, jnp.log(big))
-    denom = _reduce(jnp.add, e) + eps * jnp.exp(eps_exponent)
+    denom = _reduce(jnp.add, e)
+    if eps != 0:  # static: with eps = 0 there is no stabiliser term (and no 0 * inf)
+        # Capped one below log(max float), whose exp rounds up to inf.
+        eps_exponent = jnp.minimum(ref_shift - z_max, jnp.log(big) - 1.0)
+        denom = denom + eps * jnp.exp(eps_exponent)
     ok = denom > 0
     uniform = jnp.full_like(e, 1.0 / e.shape[0])
     return jnp.where(ok, e / jnp.where(ok, denom, 1.0), uniform)

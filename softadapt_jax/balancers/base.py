@@ -174,7 +174,7 @@ def group_count(num_losses: int, groups: Any) -> int:
 
 
 def group_sum(values: Any, groups: tuple[int, ...] | None) -> jax.Array:
-    """Sums ``values [K, ...]`` over the terms of each group: ``[G, ...]`` (``values`` when ``groups`` is None)."""
+    """Sums ``values [K, ...]`` over the terms of each group: ``[G, ...]`` (no change without groups)."""
     if groups is None:
         return values
     values = jnp.asarray(values)
