@@ -9,7 +9,12 @@ torchjd, into a pure weight rule on the ``[K, K]`` Gramian
 (:func:`pcgrad_weights`, :func:`mgda_weights`, :func:`cagrad_weights`, at the
 bottom of this file) and the linear combination. The weight rules can also be
 used without ever stacking the gradients: Gramian from
-``gramian(..., method="sequential")``, then one weighted VJP.
+``gramian(..., method="sequential")``, then one weighted VJP. For gradients
+that may be large, give them ``G_hat`` from ``gramian(..., scaled=True)``
+(below): the coefficients are then those of the scaled gradients
+``2**-e g_k``, which equal the unscaled ones for every rule except MGDA's
+``w / n`` with the norm-based normalisers (``"l2"``, ``"loss+"``), which
+must be multiplied by ``2**-e``.
 
 Every method reproduces LibMTL (median-research-group/LibMTL, git 4336804,
 ``LibMTL/weighting/{PCGrad,MGDA,CAGrad}.py``) by default, which for these
@@ -28,6 +33,21 @@ Common options:
   replica-dependent) answer; averaging first gives every replica the update of
   the global batch.
 
+Large gradients: the transforms form the Gramian of the gradients scaled by
+a power of two, ``2**-e``, and the update from the scaled gradients,
+multiplied back by ``2**e`` (``stacked_gramian(..., scaled=True)``). ``e = 0``
+unless a shared entry reaches ``2**32`` (float32; ``2**256`` in float64), and
+a power of two changes no rounding, so below that bound everything is the
+plain computation, bit for bit. Above it the weight rules see the gradients
+scaled down to just below the bound: their scale-invariant parts are
+unaffected, and their absolute constants (LibMTL's 1e-8 guards and MGDA step
+thresholds, torchjd's trace threshold) act on that scale, where they are
+negligible next to the largest gradient. Guaranteed: finite updates for finite
+gradients wherever the update is representable (the one exception is noted
+under :func:`mgda`'s ``"loss"``); components whose norm is below about
+``2**-94`` times the largest entry (in float32) then count as zero gradients,
+their squared norms underflowing.
+
 Everything is jit- and vmap-safe: the solvers use ``lax.while_loop`` with a
 static iteration cap, and no Python control flow depends on values.
 """
@@ -43,8 +63,7 @@ import numpy as np
 import optax
 
 from softadapt_jax._checks import check_choice, check_positive_int, check_vector
-from softadapt_jax.gradients.per_component import Mask, combine_leaves, split_stacked
-from softadapt_jax.gradients.per_component import _gram_of_leaves as gram_of_leaves
+from softadapt_jax.gradients.per_component import Mask, combine_leaves, scaled_gram_of_leaves, split_stacked
 
 CONVENTIONS = ("libmtl", "torchjd")
 MGDA_CONVENTIONS = ("libmtl", "torchjd", "exact")
@@ -105,6 +124,11 @@ def pcgrad(
 
     Both return the sum; they differ only when ``||g_j||^2`` is comparable to
     1e-8 or when a projection turns ``g_i^PC`` against ``g_i``.
+
+    Finite for finite gradients, of any size (module docstring). The
+    ``"torchjd"`` coefficients are invariant to a common scale of the
+    gradients; so are ``"libmtl"``'s, up to its 1e-8, which above the scaling
+    bound applies to the scaled Gramian.
 
     Args:
       seed: seeds ``jax.random.PRNGKey(seed)``, kept in the state and split
@@ -204,6 +228,15 @@ def mgda(
     which back-propagates ``sum_k w_k L_k``): ``d = sum_k w_k g_k``. The two
     coincide for ``normalization="none"``.
 
+    Finite for finite gradients, of any size (module docstring), except that
+    ``"loss"`` divides the scaled Gramian by ``L_i L_j``: for gradients at or
+    above the scaling bound it stays finite while the losses exceed about
+    ``sqrt(P) 2**-32`` (P the shared entries per component). The
+    ``"torchjd"`` and ``"exact"`` weights, and LibMTL's for K = 2, are
+    invariant to a common scale of the gradients; LibMTL's K >= 3 iteration
+    is not (its step thresholds are absolute) and above the bound behaves as
+    for the gradients scaled down to it.
+
     Args:
       normalization: ``"none"`` (default), ``"l2"``, ``"loss"`` or ``"loss+"``.
       convention: ``"libmtl"`` (default), ``"torchjd"`` or ``"exact"``.
@@ -242,8 +275,15 @@ def mgda(
         return (w / n if combine == "normalized" else w), state
 
     needs_losses = normalization in ("loss", "loss+")
+    # w_k / n_k with n_k = ||2^-e g_k|| already carries the factor 2^e the scaled Gramian removed.
+    by_norm = normalization in ("l2", "loss+") and combine == "normalized"
     return _gramian_transform(
-        lambda _: optax.EmptyState(), weights_fn, mask, axis_name, needs_losses=needs_losses
+        lambda _: optax.EmptyState(),
+        weights_fn,
+        mask,
+        axis_name,
+        needs_losses=needs_losses,
+        rescale=not by_norm,
     )
 
 
@@ -298,6 +338,13 @@ def cagrad(
     gradients far from unit scale it can return its starting point 1/K),
     this solver still returns the minimiser (:func:`cagrad_weights`).
 
+    Finite for finite gradients, of any size (module docstring). The
+    ``"torchjd"`` coefficients are invariant to a common scale of the
+    gradients (its trace threshold 1e-4 aside); LibMTL's guards add 1e-8 to
+    squared norms and norms, so its coefficients are invariant only where
+    those are large next to 1e-8 (above the scaling bound, next to 1e-8 in
+    the scaled units).
+
     Args:
       c: the radius ``c >= 0`` of the ball around ``g0`` (``c = 0``: the mean).
       convention: ``"libmtl"`` (default) or ``"torchjd"``, see above.
@@ -330,9 +377,12 @@ def _gramian_transform(
     axis_name: Hashable | None,
     *,
     needs_losses: bool = False,
+    rescale: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     # Shared by the three combiners: average over devices, split off task-specific leaves,
-    # Gramian of the shared ones, coefficients, linear combination.
+    # Gramian of the shared ones, coefficients, linear combination. The Gramian is that of
+    # the gradients scaled by 2^-e (per_component.overflow_exponent), which the weight rules
+    # are invariant to; `rescale=False` for coefficients that already carry 2^e (w / ||2^-e g||).
     def update_fn(
         updates: Any, state: Any, params: Any = None, *, losses: Any = None, **extra_args: Any
     ) -> tuple[Any, Any]:
@@ -343,8 +393,9 @@ def _gramian_transform(
         losses = _check_losses(losses, k) if needs_losses else None
         if losses is not None and axis_name is not None:
             losses = jax.lax.pmean(losses, axis_name)
-        weights, state = weights_fn(gram_of_leaves(shared), state, losses)
-        return rebuild(combine_leaves(weights, shared)), state
+        gram, exponent = scaled_gram_of_leaves(shared)
+        weights, state = weights_fn(gram, state, losses)
+        return rebuild(combine_leaves(weights, shared, exponent=exponent, rescale=rescale)), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

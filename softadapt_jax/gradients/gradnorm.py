@@ -30,7 +30,13 @@ import numpy as np
 import optax
 
 from softadapt_jax._checks import check_choice, check_positive_int, check_vector
-from softadapt_jax.gradients.per_component import per_component_grads
+from softadapt_jax.gradients.per_component import (
+    combine_leaves,
+    max_abs,
+    overflow_exponent,
+    per_component_grads,
+    power_of_two,
+)
 
 Layer = Callable[[Any], Any] | str | Sequence[Any]
 
@@ -131,6 +137,21 @@ def gradnorm(
     Where the originals divide by zero (a zero initial loss, or a zero mean
     rate), the divisor is replaced by 1; a negative rate is clipped to 0 so
     that ``r**alpha`` stays real. Both originals give NaN there.
+
+    Large gradients: the layer norms are computed row by row at a power-of-two
+    scale (:func:`component_norms`), so they are finite wherever they are
+    representable, and ``sum_k w_k g_k`` is formed at the scale of the largest
+    entry, so it is finite wherever it is representable. The objective is
+    homogeneous of degree 1 in the norms; where the largest norm reaches
+    ``2**32`` (float32; ``2**256`` in float64) its gradient is taken on the
+    norms scaled down by a power of two to below that bound, so that it and
+    Adam's square of it stay finite. Below the bound nothing changes. Adam's
+    weights are thus the same at every scale (up to its absolute ``eps``);
+    SGD's step, which scales with the norms, is that of the norms at the
+    bound. Guaranteed: finite weights and updates for finite losses and
+    gradients whose layer norms are representable; an update with non-finite
+    losses or norms leaves the state as it was and is counted in
+    ``rejected``.
 
     Args:
       num_losses: K.
@@ -237,8 +258,7 @@ def gradnorm(
                     f"gradnorm(num_losses={k}) got updates stacked on a leading axis of size "
                     f"{norms.shape[0]}."
                 )
-            weights = state.weights
-            updates = jax.tree.map(lambda g: jnp.tensordot(weights.astype(g.dtype), g, axes=1), updates)
+            updates = _combine(state.weights, updates)
         else:
             norms = check_vector(layer_norms, "layer_norms", k)
         new_state, _ = gradnorm_step(state, losses, norms, **step_kwargs)
@@ -310,6 +330,10 @@ def layer_grad_norms(
 def component_norms(stacked_grads: Any, layer: Layer) -> jax.Array:
     """``[K]`` Euclidean norms of each component's gradient restricted to ``layer``.
 
+    Each component is scaled by its own power of two before squaring (the
+    identity while its entries are below ``2**32`` in float32), so a norm is
+    finite wherever it is representable.
+
     Args:
       stacked_grads: per-component gradients, leaves ``[K, ...]``.
       layer: as in :func:`gradnorm`.
@@ -328,8 +352,16 @@ def component_norms(stacked_grads: Any, layer: Layer) -> jax.Array:
         )
     # At least float32 (half-precision squares underflow), float64 kept under x64.
     dtype = jnp.result_type(*[jnp.promote_types(g.dtype, jnp.float32) for g in leaves])
-    sq = sum(jnp.sum(jnp.reshape(g, (g.shape[0], -1)).astype(dtype) ** 2, axis=1) for g in leaves)
-    return jnp.sqrt(sq)
+    flat = [jnp.reshape(g, (g.shape[0], -1)).astype(dtype) for g in leaves if jnp.size(g)]
+    if not flat:
+        return jnp.zeros(leaves[0].shape[:1], dtype)
+    # Each row is scaled by a power of two before squaring (exact, and the identity below
+    # 2^(maxexp/4)), so the squares cannot overflow while the norm itself is representable.
+    peak = jnp.max(jnp.stack([jnp.max(jnp.abs(f), axis=1) for f in flat]), axis=0)
+    exponent = overflow_exponent(peak, dtype)
+    down = power_of_two(-exponent, dtype)[:, None]
+    sq = sum(jnp.sum((f * down) ** 2, axis=1) for f in flat)
+    return jnp.sqrt(sq) * power_of_two(exponent, dtype)
 
 
 def select_layer(tree: Any, layer: Layer) -> Any:
@@ -353,6 +385,15 @@ def select_layer(tree: Any, layer: Layer) -> Any:
                 f"`layer` path {layer!r}: no key {key!r} under {where}; available: {available}."
             ) from None
     return node
+
+
+def _combine(weights: jax.Array, updates: Any) -> Any:
+    # sum_k w_k g_k over every leaf, formed at the scale of the largest entry so that it is
+    # finite wherever the result is representable (per_component.combine_leaves).
+    leaves, treedef = jax.tree.flatten(updates)
+    dtype = jnp.result_type(*[jnp.promote_types(g.dtype, jnp.float32) for g in leaves])
+    exponent = overflow_exponent(max_abs(leaves, dtype), dtype)
+    return jax.tree.unflatten(treedef, combine_leaves(weights, leaves, exponent=exponent))
 
 
 def _check_float(value: Any, name: str, *, minimum: float) -> float:
@@ -418,6 +459,10 @@ def gradnorm_step(
       The state after the update (its ``weights`` apply to the next step) and
       the objective value and its gradient with respect to ``state.param``
       (after PhysicsNeMo's shift), zeros while ``"libmtl"`` holds the weights.
+      Where the largest norm is ``2**(maxexp // 4)`` or more (``2**32`` in
+      float32), the gradient is that of the norms scaled down by the power of
+      two ``2**-e`` that brings the largest below that bound (``objective`` is
+      still in the original units); see :func:`gradnorm`.
     """
     check_choice(convention, "convention", GRADNORM_CONVENTIONS)
     dtype = state.param.dtype
@@ -434,6 +479,11 @@ def gradnorm_step(
     weight_map = _weight_map(convention, k)
     param = _prepare_param(state.param, convention)
     weights, pullback = jax.vjp(weight_map, param)
+    # The objective is homogeneous of degree 1 in the norms. Norms of 2^(maxexp/4) or more are
+    # scaled down by a power of two (exact; the identity below), so that its gradient, and Adam's
+    # square of it, stay finite.
+    exponent = overflow_exponent(jnp.max(norms), dtype)
+    norms = norms * power_of_two(-exponent, dtype)
     targets = gradnorm_targets(weights, losses, norms, initial, alpha)
     residual = weights * norms - targets
     # d|x|/dx = sign(x), 0 at 0 as in torch; G_k = w_k n_k for w_k > 0.
@@ -443,7 +493,7 @@ def gradnorm_step(
     if convention == "paper":
         new_param = jnp.maximum(new_param, min_weight)
         new_param = k * new_param / jnp.sum(new_param)
-    info = GradNormInfo(objective=jnp.sum(jnp.abs(residual)), grad=grad)
+    info = GradNormInfo(objective=jnp.sum(jnp.abs(residual)) * power_of_two(exponent, dtype), grad=grad)
 
     if convention == "libmtl":
         # LibMTL's first epoch: plain sum (weights 1), loss_scale untouched.

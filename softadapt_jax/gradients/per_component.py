@@ -26,7 +26,18 @@ forward pass):
   one. Combined with a Gramian-only weight rule (``mgda_weights``,
   ``cagrad_weights``, ``pcgrad_weights``) and one weighted VJP
   (:func:`softadapt_jax.value_and_weighted_grad`), this gives MGDA, CAGrad or
-  PCGrad without ever holding K gradients.
+  PCGrad without ever holding K gradients (with ``scaled=True`` for
+  gradients that may be large, see below).
+
+Overflow: the Gramian squares the gradients, so in float32 it overflows once
+a gradient's norm passes about 1.8e19. With ``scaled=True``, :func:`gramian`
+and :func:`stacked_gramian` return ``(G_hat, e)``: the Gramian of the
+gradients multiplied by ``2**-e``, ``G = 4**e G_hat``, where ``e = 0`` while
+every gradient entry is below ``2**(maxexp / 4)`` (``2**32`` in float32,
+``2**256`` in float64) and otherwise brings the largest entry just below that
+bound (:func:`overflow_exponent`). A power of two changes no rounding, so for
+gradients below the bound the result is the plain Gramian bit for bit. The
+combiners always work on this form.
 
 Masks follow optax: a pytree of Python bools with the structure of the
 parameters (or a prefix of it), or a callable returning one. ``True`` marks a
@@ -140,7 +151,8 @@ def gramian(
     *,
     mask: Mask = None,
     method: str = "stacked",
-) -> Callable[..., tuple[Any, jax.Array]]:
+    scaled: bool = False,
+) -> Callable[..., tuple[Any, Any]]:
     """The Gramian ``G_ij = <g_i, g_j>`` of the per-component gradients, without returning them.
 
     Args:
@@ -152,28 +164,37 @@ def gramian(
       method: ``"stacked"`` (one batched backward pass, K x P memory
         transiently) or ``"sequential"`` (2K sequential linear passes, no
         K x P buffer); see the module docstring for the memory of each.
+      scaled: return ``(G_hat, e)`` with ``G = 4**e G_hat`` instead of ``G``
+        (module docstring), so that gradients of any finite size give a finite
+        ``G_hat``. The weight rules of :mod:`softadapt_jax.gradients.combiners`
+        are invariant to a common scale of the gradients (up to their
+        absolute guards, see each), so they can be given ``G_hat`` directly.
+        With ``method="sequential"`` it costs K more VJPs (a first pass finds
+        the largest gradient entry).
 
     Returns:
       ``g(*args) -> (losses, G)`` or ``((losses, aux), G)`` with ``has_aux``;
       ``G`` is ``[K, K]``, symmetric positive semi-definite, in at least
-      float32.
+      float32; with ``scaled=True`` it is the pair ``(G_hat, e)``, ``e`` an
+      int32 scalar.
 
     Raises:
-      ValueError: bad ``method``, ``argnums`` or ``mask``; ``f`` not returning
-        a vector ``[K]``; a mask selecting no leaf.
+      ValueError: bad ``method``, ``argnums``, ``mask`` or ``scaled``; ``f``
+        not returning a vector ``[K]``; a mask selecting no leaf.
     """
     check_choice(method, "method", GRAMIAN_METHODS)
     _check_argnums(argnums)
+    _check_scaled(scaled)
     if method == "stacked":
         pcg = per_component_grads(loss_components_fn, argnums, has_aux)
 
-        def stacked(*args: Any) -> tuple[Any, jax.Array]:
+        def stacked(*args: Any) -> tuple[Any, Any]:
             values, grads = pcg(*args)
-            return values, stacked_gramian(grads, mask=mask, params=args[argnums])
+            return values, stacked_gramian(grads, mask=mask, params=args[argnums], scaled=scaled)
 
         return stacked
 
-    def sequential(*args: Any) -> tuple[Any, jax.Array]:
+    def sequential(*args: Any) -> tuple[Any, Any]:
         x, f = _bind(loss_components_fn, args, argnums)
         keep = resolve_mask(mask, x) if mask is not None else jax.tree.map(lambda _: True, x)
         leaves, treedef = jax.tree.flatten(x)
@@ -191,21 +212,33 @@ def gramian(
         losses, f_jvp = out[0], out[1]
         k = _check_losses(losses)
         f_vjp = jax.linear_transpose(f_jvp, shared)
+        dtype = _gram_dtype(losses.dtype)
+        eye = jnp.eye(k, dtype=losses.dtype)
+        if scaled:
+            # A first pass for the largest entry of any g_j; only K scalars are kept.
+            peak = jax.lax.map(lambda e: max_abs(f_vjp(e)[0], dtype), eye)
+            exponent = overflow_exponent(jnp.max(peak), dtype)
+        else:
+            exponent = jnp.zeros((), jnp.int32)
+        # G_hat = (2^-e J)(2^-e J)^T: the cotangent and the tangent each carry one factor 2^-e
+        # (both maps are linear), so neither g_j nor J g_j is formed at full scale.
+        down = power_of_two(-exponent, losses.dtype)
 
         def column(e: jax.Array) -> jax.Array:
-            (v,) = f_vjp(e)
-            return f_jvp(v)
+            (v,) = f_vjp(e * down)
+            return f_jvp(jax.tree.map(lambda x: x * down.astype(x.dtype), v))
 
-        g = jax.lax.map(column, jnp.eye(k, dtype=losses.dtype)).astype(_gram_dtype(losses.dtype))
+        g = jax.lax.map(column, eye).astype(dtype)
         g = 0.5 * (g + g.T)  # exact symmetry; the two passes round differently
+        result = (g, exponent) if scaled else g
         if has_aux:
-            return (losses, out[2]), g
-        return losses, g
+            return (losses, out[2]), result
+        return losses, result
 
     return sequential
 
 
-def stacked_gramian(grads: Any, *, mask: Mask = None, params: Any = None) -> jax.Array:
+def stacked_gramian(grads: Any, *, mask: Mask = None, params: Any = None, scaled: bool = False) -> Any:
     """``G_ij = <g_i, g_j>`` of stacked per-component gradients, leaf by leaf.
 
     Args:
@@ -213,15 +246,27 @@ def stacked_gramian(grads: Any, *, mask: Mask = None, params: Any = None) -> jax
       mask: optional optax-style mask; only masked-in leaves are used. A
         callable mask is called on ``params`` if given, else on ``grads``.
       params: optional, only to evaluate a callable mask.
+      scaled: return ``(G_hat, e)``, the Gramian of ``2**-e g`` and the
+        int32 exponent ``e >= 0`` (:func:`overflow_exponent`), instead of
+        ``G = 4**e G_hat``.
 
     Returns:
-      The ``[K, K]`` Gramian, in at least float32.
+      The ``[K, K]`` Gramian, in at least float32, or ``(G_hat, e)``. Without
+      ``scaled`` it is ``inf`` where ``G`` exceeds the dtype's range (in
+      float32, gradient norms above about 1.8e19). ``G_hat`` is finite for
+      finite gradients; its entries are at most ``P 4**(maxexp/4)`` (P the
+      number of shared entries per component). Components more than about
+      ``2**(maxexp/2)`` times smaller than the largest entry (``2**64`` in
+      float32) underflow in ``G_hat`` and are seen as zero gradients.
 
     Raises:
-      ValueError: leaves disagree on K, or the mask selects no leaf.
+      ValueError: leaves disagree on K, the mask selects no leaf, or
+        ``scaled`` is not a bool.
     """
+    _check_scaled(scaled)
     shared, _, _ = split_stacked(grads, mask=mask, params=params)
-    return _gram_of_leaves(shared)
+    gram, exponent = scaled_gram_of_leaves(shared, scaled=scaled)
+    return (gram, exponent) if scaled else gram
 
 
 def resolve_mask(mask: Mask, tree: Any) -> Any:
@@ -313,9 +358,68 @@ def split_stacked(
     return shared, rebuild, k
 
 
-def combine_leaves(weights: jax.Array, leaves: list[jax.Array]) -> list[jax.Array]:
-    """``sum_k w_k g_k`` for each ``[K, ...]`` leaf, in the leaf's dtype."""
-    return [jnp.tensordot(weights.astype(g.dtype), g, axes=1) for g in leaves]
+def combine_leaves(
+    weights: jax.Array, leaves: list[jax.Array], *, exponent: Any = None, rescale: bool = True
+) -> list[jax.Array]:
+    """``sum_k w_k g_k`` for each ``[K, ...]`` leaf, in the leaf's dtype.
+
+    With ``exponent`` (``e``, from :func:`scaled_gram_of_leaves`), the sum is
+    formed of the scaled gradients ``2**-e g_k``, so that no term overflows
+    where the result is representable, and multiplied back by ``2**e`` if
+    ``rescale``: ``rescale=False`` is for weights that already carry the
+    factor ``2**e`` (MGDA's ``w_k / ||2**-e g_k||``). ``e = 0`` gives the plain
+    sum bit for bit.
+    """
+    if exponent is None:
+        return [jnp.tensordot(weights.astype(g.dtype), g, axes=1) for g in leaves]
+    out = []
+    for g in leaves:
+        down = power_of_two(-exponent, g.dtype)
+        d = jnp.tensordot(weights.astype(g.dtype), g * down, axes=1)
+        out.append(d * power_of_two(exponent, g.dtype) if rescale else d)
+    return out
+
+
+def overflow_exponent(peak: jax.Array, dtype: Any) -> jax.Array:
+    """The int32 exponent ``e >= 0`` by which gradients whose largest ``|entry|`` is ``peak`` are scaled down.
+
+    ``e = 0`` while ``peak < 2**(maxexp // 4)`` of ``dtype`` (``2**32`` for
+    float32), so that ordinary gradients are left as they are; above, ``e``
+    brings the largest entry into ``[2**(maxexp//4 - 1), 2**(maxexp//4))``.
+    Their Gramian is then at most ``P 2**(maxexp // 2)``, which leaves room for
+    the weight rules' sums of K^2 terms. Works elementwise (a ``[K]`` peak gives
+    ``[K]`` exponents); a non-finite peak gives 0, so non-finite gradients stay
+    visible.
+    """
+    peak = jnp.asarray(peak, dtype)
+    _, e = jnp.frexp(peak)  # peak = m 2^e, 0.5 <= m < 1
+    bound = int(jnp.finfo(dtype).maxexp) // 4
+    return jnp.where(jnp.isfinite(peak), jnp.maximum(e - bound, 0), 0).astype(jnp.int32)
+
+
+def power_of_two(exponent: jax.Array, dtype: Any) -> jax.Array:
+    """``2**exponent`` in ``dtype``, exact (the exponents used here stay in the normal range)."""
+    return jnp.ldexp(jnp.ones(jnp.shape(exponent), dtype), exponent)
+
+
+def scaled_gram_of_leaves(leaves: list[jax.Array], *, scaled: bool = True) -> tuple[jax.Array, jax.Array]:
+    """``(G_hat, e)``: the Gramian of ``2**-e g`` over ``[K, ...]`` leaves, ``e`` from their largest entry.
+
+    ``scaled=False`` fixes ``e = 0``: the plain Gramian.
+    """
+    k = leaves[0].shape[0]
+    dtype = _gram_dtype(jnp.result_type(*leaves))
+    if scaled:
+        exponent = overflow_exponent(max_abs(leaves, dtype), dtype)
+    else:
+        exponent = jnp.zeros((), jnp.int32)
+    down = power_of_two(-exponent, dtype)
+    g = jnp.zeros((k, k), dtype)
+    for leaf in leaves:
+        flat = leaf.reshape(k, -1).astype(dtype) * down
+        # HIGHEST: on TPU the default matmul precision (bf16 passes) would spoil the solvers.
+        g = g + jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST)
+    return g, exponent
 
 
 # --- pure helpers -------------------------------------------------------------------------------------
@@ -326,15 +430,15 @@ def _gram_dtype(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _gram_of_leaves(leaves: list[jax.Array]) -> jax.Array:
-    k = leaves[0].shape[0]
-    dtype = _gram_dtype(jnp.result_type(*leaves))
-    g = jnp.zeros((k, k), dtype)
-    for leaf in leaves:
-        flat = leaf.reshape(k, -1).astype(dtype)
-        # HIGHEST: on TPU the default matmul precision (bf16 passes) would spoil the solvers.
-        g = g + jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST)
-    return g
+def max_abs(tree: Any, dtype: Any) -> jax.Array:
+    """The largest ``|entry|`` over the leaves of ``tree``, in ``dtype`` (0 if every leaf is empty)."""
+    peaks = [jnp.max(jnp.abs(x)).astype(dtype) for x in jax.tree.leaves(tree) if jnp.size(x)]
+    return jnp.max(jnp.stack(peaks)) if peaks else jnp.zeros((), dtype)
+
+
+def _check_scaled(scaled: Any) -> None:
+    if not isinstance(scaled, bool):
+        raise ValueError(f"`scaled` must be a bool, got {scaled!r}.")
 
 
 def _check_argnums(argnums: Any) -> None:
