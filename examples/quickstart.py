@@ -65,11 +65,11 @@ def format_weights(weights) -> str:
     return "[" + ", ".join(f"{float(w):.4e}" for w in np.asarray(weights)) + "]"
 
 
-def main() -> int:
+def main(argv: list[str] | tuple[str, ...] = ()) -> int:
     """Prints the weights of both examples for every variant; returns 0 if all match the README."""
     argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    ).parse_args()
+    ).parse_args(list(argv))
     examples = {
         3: history_of(LOSS_COMPONENT_1, LOSS_COMPONENT_2, LOSS_COMPONENT_3),
         4: history_of(LOSS_COMPONENT_1, LOSS_COMPONENT_2, LOSS_COMPONENT_3, LOSS_COMPONENT_4),
@@ -98,4 +98,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
