@@ -21,17 +21,22 @@ import numpy as np
 from softadapt_jax.problems.common import (
     DEFAULT_HIDDEN,
     Array,
+    Moments,
     Batch,
     Params,
     Problem,
     init_mlp,
+    input_moments,
     mlp_apply,
     reference_error_fn,
     sample_boxes,
+    standardize,
 )
 
 NU: float = 0.01 / np.pi
 COMPONENT_NAMES: tuple[str, ...] = ("residual", "initial", "left", "right")
+# Raissi et al. (2019) fit the initial and boundary data as one mean squared error.
+RAISSI_GROUPS: tuple[int, ...] = (0, 1, 1, 1)
 DEFAULT_NUM_NODES = 250
 # numpy.polynomial.hermite.hermgauss overflows beyond ~370 nodes.
 MAX_NUM_NODES = 360
@@ -138,14 +143,18 @@ def cached_burgers_reference(
     return arrays
 
 
-def _net(params: Params, x: Array, t: Array) -> Array:
+def _net(params: Params, x: Array, t: Array, moments: Moments | None = None) -> Array:
     """Network output ``u [N]`` at ``x [N]``, ``t [N]``."""
+    if moments is not None:
+        return mlp_apply(params, standardize(jnp.stack([x, t], axis=-1), moments))[:, 0]
     # Map t in [0, 1] to [-1, 1] so both inputs share the scale tanh layers expect.
     inputs = jnp.stack([x, 2.0 * t - 1.0], axis=-1)
     return mlp_apply(params, inputs)[:, 0]
 
 
-def burgers_residual(params: Params, points: Array, nu: float = NU) -> Array:
+def burgers_residual(
+    params: Params, points: Array, nu: float = NU, *, moments: Moments | None = None
+) -> Array:
     """PDE residual ``u_t + u u_x - nu u_xx`` of the network at each point.
 
     The network maps rows independently, so batched forward mode (``jax.linearize`` /
@@ -156,6 +165,8 @@ def burgers_residual(params: Params, points: Array, nu: float = NU) -> Array:
       params: network parameters.
       points: ``[N, 2]`` columns ``(x, t)``.
       nu: viscosity.
+      moments: optional ``(mean [2], std [2])``; the network then sees ``(X - mean) /
+        std`` instead of ``(x, 2 t - 1)``.
 
     Returns:
       ``[N]``.
@@ -165,7 +176,7 @@ def burgers_residual(params: Params, points: Array, nu: float = NU) -> Array:
 
     def first_order(x_: Array) -> tuple[Array, Array, Array]:
         # One linearisation serves both u_x and u_t, sharing the primal pass.
-        u, tangent = jax.linearize(lambda xx, tt: _net(params, xx, tt), x_, t)
+        u, tangent = jax.linearize(lambda xx, tt: _net(params, xx, tt, moments), x_, t)
         return u, tangent(ones, zeros), tangent(zeros, ones)
 
     (u, u_x, u_t), (_, u_xx, _) = jax.jvp(first_order, (x,), (ones,))
@@ -180,6 +191,9 @@ def burgers_problem(
     num_boundary: int = 128,
     nu: float = NU,
     reference_shape: tuple[int, int] = (256, 100),
+    resample: bool = False,
+    standardize_inputs: bool = False,
+    term_groups: Sequence[int] | None = RAISSI_GROUPS,
 ) -> Problem:
     """The Burgers PINN problem (K = 4: residual, initial, left, right).
 
@@ -190,6 +204,12 @@ def burgers_problem(
       num_boundary: points on each of ``x = -1`` and ``x = 1``, ``t`` uniform.
       nu: viscosity.
       reference_shape: ``(nx, nt)`` of the reference grid for ``relative_l2_error``.
+      resample: training draws fresh points every step (:meth:`Problem.next_points`).
+      standardize_inputs: feed the network ``(X - mean) / std`` with the moments of
+        100,000 uniform points of the domain (:func:`input_moments`) instead of the
+        default ``(x, 2 t - 1)``.
+      term_groups: the grouping recorded as ``Problem.term_groups`` (default: Raissi et
+        al.'s, the initial and boundary data as one term).
 
     Returns:
       A :class:`Problem`. Its batch is ``{"residual": [N_r, 2], "initial": [N_0, 2],
@@ -197,6 +217,7 @@ def burgers_problem(
     """
     hidden = tuple(hidden)
     nx, nt = reference_shape
+    moments = input_moments((-1.0, 0.0), (1.0, 1.0)) if standardize_inputs else None
 
     # Every callable is jitted: run eagerly, their many small ops would each compile
     # separately (seconds in total on CPU). Inside an outer jit they are simply inlined.
@@ -206,7 +227,7 @@ def burgers_problem(
 
     @jax.jit
     def predict(params: Params, points: Array) -> Array:
-        return _net(params, points[:, 0], points[:, 1])
+        return _net(params, points[:, 0], points[:, 1], moments)
 
     @jax.jit
     def sample_batch(key: Array) -> dict[str, Array]:
@@ -222,7 +243,7 @@ def burgers_problem(
     def residuals(params: Params, batch: Batch) -> tuple[Array, ...]:
         initial = batch["initial"]
         return (
-            burgers_residual(params, batch["residual"], nu),
+            burgers_residual(params, batch["residual"], nu, moments=moments),
             predict(params, initial) - initial_condition(initial[:, 0]),
             predict(params, batch["left"]),
             predict(params, batch["right"]),
@@ -252,4 +273,6 @@ def burgers_problem(
         predict=predict,
         reference=reference,
         relative_l2_error=relative_l2_error,
+        resample=bool(resample),
+        term_groups=None if term_groups is None else tuple(term_groups),
     )

@@ -1,4 +1,5 @@
-"""Shared pieces of the PINN problems: the :class:`Problem` record, a tanh MLP and samplers.
+"""Shared pieces of the PINN problems: the :class:`Problem` record, a tanh MLP, samplers and
+the collocation stream that a training loop carries (fixed points, or fresh points every step).
 
 The MLP is a pure function over a params pytree (a tuple of ``{"w", "b"}`` dicts), so
 it works unchanged with ``jax.grad``, ``jax.jvp``, ``jax.jit`` and optax.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +19,25 @@ import numpy as np
 Array = jax.Array
 Params = Any
 Batch = Mapping[str, Array]
+# (mean [d], std [d]) of the inputs, for standardize().
+Moments = tuple[np.ndarray, np.ndarray]
 
 DEFAULT_HIDDEN: tuple[int, ...] = (64, 64, 64)
+# The authors of the learning-rate-annealing and NTK papers standardise the network inputs
+# with the moments of 100,000 uniform residual points (GradientPathologiesPINNs, PINNsNTK).
+STANDARDIZE_SAMPLE: int = 100_000
+
+
+class PointStream(NamedTuple):
+    """The collocation points a training loop carries from step to step.
+
+    Attributes:
+      key: PRNG key of the next draw (unused with fixed points).
+      batch: the points of the last step (with fixed points: the one set, used every step).
+    """
+
+    key: Array
+    batch: dict[str, Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +64,11 @@ class Problem:
       reference: ``() -> (points [M, d], u_ref [M])``, NumPy float64, cached.
       relative_l2_error: ``params -> scalar``, ``||u - u_ref||_2 / ||u_ref||_2`` on the
         reference grid.
+      resample: whether :meth:`next_points` draws fresh collocation points every step
+        (``True``) or hands out one fixed set (``False``).
+      term_groups: the grouping of the loss terms in the paper the set-up comes from
+        (terms with one group id share one weight there), as accepted by the balancers'
+        ``groups=``; ``None`` when every term has its own weight.
     """
 
     name: str
@@ -57,11 +80,46 @@ class Problem:
     predict: Callable[[Params, Array], Array]
     reference: Callable[[], tuple[np.ndarray, np.ndarray]]
     relative_l2_error: Callable[[Params], Array]
+    resample: bool = False
+    term_groups: tuple[int, ...] | None = None
 
     @property
     def num_losses(self) -> int:
         """``K``, the number of loss components."""
         return len(self.component_names)
+
+    def init_points(self, key: Array) -> PointStream:
+        """The collocation stream of a run: the fixed set, or the key of the fresh draws.
+
+        Pure and jittable (``vmap`` it over seeds).
+
+        Args:
+          key: PRNG key; the same key gives the same stream.
+
+        Returns:
+          A :class:`PointStream`.
+        """
+        first, rest = jax.random.split(key)
+        return PointStream(rest, self.sample_batch(first))
+
+    def next_points(self, stream: PointStream) -> tuple[dict[str, Array], PointStream]:
+        """The points of one training step, and the stream for the next.
+
+        With ``resample`` a fresh batch is drawn from the carried key (inside ``jit`` /
+        ``lax.scan``, with no host round trip), as the learning-rate-annealing and NTK
+        authors do every iteration; otherwise the fixed set is returned unchanged.
+
+        Args:
+          stream: from :meth:`init_points` or the previous call.
+
+        Returns:
+          ``(batch, stream)``.
+        """
+        if not self.resample:
+            return stream.batch, stream
+        key, draw = jax.random.split(stream.key)
+        batch = self.sample_batch(draw)
+        return batch, PointStream(key, batch)
 
 
 def init_mlp(key: Array, in_dim: int, hidden: Sequence[int] = DEFAULT_HIDDEN, out_dim: int = 1) -> Params:
@@ -140,6 +198,46 @@ def sample_boxes(
     # lo + (hi - lo) * u keeps pinned coordinates exact (hi - lo == 0).
     points = jnp.asarray(lower, u.dtype) + jnp.asarray(upper - lower, u.dtype) * u
     return dict(zip(boxes, jnp.split(points, np.cumsum(nums)[:-1]), strict=True))
+
+
+def input_moments(
+    lower: Sequence[float], upper: Sequence[float], *, num: int = STANDARDIZE_SAMPLE, seed: int = 0
+) -> Moments:
+    """Mean and standard deviation of ``num`` uniform points of a box, for input standardisation.
+
+    The originals (GradientPathologiesPINNs, PINNsNTK) draw 100,000 residual points and
+    feed the network ``(X - mean) / std``; a fixed seed makes ours deterministic.
+
+    Args:
+      lower: lower corner ``[d]``.
+      upper: upper corner ``[d]``.
+      num: number of points.
+      seed: NumPy seed of the draw.
+
+    Returns:
+      ``(mean [d], std [d])``, float64, read-only.
+
+    Raises:
+      ValueError: ``num < 2`` or a corner pair with ``upper <= lower``.
+    """
+    lo, hi = np.asarray(lower, np.float64), np.asarray(upper, np.float64)
+    if isinstance(num, bool) or not isinstance(num, int) or num < 2:
+        raise ValueError(f"`num` must be an int >= 2, got {num!r}.")
+    if lo.shape != hi.shape or lo.ndim != 1 or np.any(hi <= lo):
+        raise ValueError(f"`upper` must exceed `lower` on every axis, got lower={lower}, upper={upper}.")
+    points = lo + (hi - lo) * np.random.default_rng(seed).random((num, lo.size))
+    mean, std = points.mean(0), points.std(0)
+    for a in (mean, std):
+        a.setflags(write=False)
+    return mean, std
+
+
+def standardize(inputs: Array, moments: Moments | None) -> Array:
+    """``(inputs - mean) / std`` for ``moments = (mean, std)``; ``inputs`` unchanged for ``None``."""
+    if moments is None:
+        return inputs
+    mean, std = moments
+    return (inputs - jnp.asarray(mean, inputs.dtype)) / jnp.asarray(std, inputs.dtype)
 
 
 def relative_l2(prediction: Array, reference: Array) -> Array:
