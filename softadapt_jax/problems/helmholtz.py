@@ -23,8 +23,8 @@ import numpy as np
 from softadapt_jax.problems.common import (
     DEFAULT_HIDDEN,
     Array,
-    Moments,
     Batch,
+    Moments,
     Params,
     Problem,
     init_mlp,
