@@ -15,8 +15,8 @@ optax adapter work from the ``K x K`` Gramian without forming ``J``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -83,7 +83,8 @@ def check_key(key: Any, agg_name: str) -> jax.Array:
     """``key`` if it is a PRNG key, else a ValueError saying that ``agg_name`` draws random numbers."""
     if key is None:
         raise ValueError(
-            f"aggregator {agg_name!r} draws random numbers: pass `key=jax.random.key(seed)` (or a split of it)."
+            f"aggregator {agg_name!r} draws random numbers: pass `key=jax.random.key(seed)` "
+            "(or a split of it)."
         )
     return key
 
@@ -94,7 +95,9 @@ def check_losses(losses: Any, k: int, agg_name: str) -> jax.Array:
         raise ValueError(f"aggregator {agg_name!r} reads the current losses: pass `losses=` of shape ({k},).")
     arr = as_float_array(losses, "losses")
     if arr.shape != (k,):
-        raise ValueError(f"`losses` must have shape ({k},) to match the jacobian's {k} rows, got {tuple(arr.shape)}.")
+        raise ValueError(
+            f"`losses` must have shape ({k},) to match the jacobian's {k} rows, got {tuple(arr.shape)}."
+        )
     return arr
 
 
@@ -104,7 +107,10 @@ def gramian_of(jacobian: jax.Array) -> jax.Array:
 
 
 def from_weighting(
-    name: str, weighting: Callable[[jax.Array], jax.Array], *, wrap: Callable[[jax.Array], jax.Array] | None = None
+    name: str,
+    weighting: Callable[[jax.Array], jax.Array],
+    *,
+    wrap: Callable[[jax.Array], jax.Array] | None = None,
 ) -> Aggregator:
     """A stateless aggregator ``J -> weighting(J J^T) @ J``.
 

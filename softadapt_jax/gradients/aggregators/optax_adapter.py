@@ -55,9 +55,13 @@ def aggregate(
       *, losses=None)`` (``losses [K]`` for methods that read them).
     """
     if not isinstance(agg, Aggregator):
-        raise TypeError(f"`agg` must be an Aggregator (from gradients.aggregator(name)), got {type(agg).__name__}.")
+        raise TypeError(
+            f"`agg` must be an Aggregator (from gradients.aggregator(name)), got {type(agg).__name__}."
+        )
     if agg.stateful and num_tasks is None:
-        raise ValueError(f"aggregator {agg.name!r} keeps state sized by K: pass `num_tasks=K` to `aggregate`.")
+        raise ValueError(
+            f"aggregator {agg.name!r} keeps state sized by K: pass `num_tasks=K` to `aggregate`."
+        )
     if num_tasks is not None:
         check_positive_int(num_tasks, "num_tasks")
     seed = check_seed(seed)
