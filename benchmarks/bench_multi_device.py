@@ -34,18 +34,27 @@ def main() -> None:
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=50, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds per layout (the median is reported)")
+    parser.add_argument(
+        "--rounds", type=int, default=7, help="alternating rounds per layout (the median is reported)"
+    )
     args = parser.parse_args()
     batch = md.make_batch(512)
     n_dev = jax.local_device_count()
 
     single = jax.jit(training.make_train_step(md.loss_components))
     pstep = training.make_pmap_train_step(md.loss_components)
-    sstep, place = training.make_sharded_train_step(md.loss_components, training.data_mesh())
+    rep, split = training.data_shardings(training.data_mesh())
+    sstep = jax.jit(
+        training.make_train_step(md.loss_components), in_shardings=(rep, split), out_shardings=(rep, rep)
+    )
     layouts = {
         "jit, 1 device": (single, md.make_state(), jax.device_put(batch)),
         f"pmap, {n_dev} devices": (pstep, training.replicate(md.make_state()), training.shard_batch(batch)),
-        f"sharded jit, {n_dev} devices": (sstep, *place(md.make_state(), batch)),
+        f"sharded jit, {n_dev} devices": (
+            sstep,
+            jax.device_put(md.make_state(), rep),
+            jax.device_put(batch, split),
+        ),
     }
     times: dict[str, list[float]] = {name: [] for name in layouts}
     for name, (fn, state, b) in layouts.items():  # compile and warm up

@@ -36,14 +36,12 @@ one jitted train step followed by ``optax.adam(1e-3)``:
   ``ratio_softadapt``, ``relobralo``, ``dwa``, ``uncertainty``, ``rlw``
   (default settings, K = 4);
 * the gradient-statistics balancers ``lr_annealing``, ``grad_norm`` and
-  ``ntk`` with ``update_every=100`` (the issue's setting) through
-  ``training.jit_train_step`` (the hold and the recompute step compiled
-  apart, chosen on the host), again through ``jax.jit(make_train_step)``
-  (rows ``*_cond``: one executable, the choice made on the device by a
+  ``ntk`` with ``update_every=100`` through ``jax.jit(make_train_step(...,
+  balancer=b))`` (one executable, the recompute decided on the device by a
   ``lax.cond``), and with ``update_every=1`` (rows ``*_every1``: the statistic
   on every step, so its own cost is visible), plus ``grad_norm_hold``
-  (``update_every=10**9``: only the hold step ever runs, which isolates what a
-  hold step costs against ``fixed``) and ``grad_norm_hold_wrapped`` (that hold
+  (``update_every=10**9``: only the cond's hold branch ever runs, which
+  isolates what a hold step costs against ``fixed``) and ``grad_norm_hold_wrapped`` (that hold
   step inside ``lax.cond(pred, hold, hold)``: what a conditional around the
   step does to its speed on this backend). ``ntk`` gets
   ``residuals_fn(params, batch) -> K arrays``, the per-point residuals
@@ -138,11 +136,9 @@ BASELINE = "sum"
 STRUCTURED_BASELINE = "fixed"
 STAT_EVERY = 100  # update_every of the gradient-statistics rows the requirement is about
 GRADIENT_STATISTICS = ("lr_annealing", "grad_norm", "ntk")
-# The same methods through jax.jit(make_train_step): the recompute decision on the device.
-ON_DEVICE_ROWS = tuple(f"{n}_cond" for n in GRADIENT_STATISTICS)
 ROUND_BUDGET_S = 0.5  # an update_every=1 row whose steps are slower runs a shorter chain
 # Paths whose step is the library's train step on a BalancedTrainState with a balancer.
-BALANCER_PATHS = ("train_step", "scheduled", "wrapped_hold")
+BALANCER_PATHS = ("train_step", "wrapped_hold")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,8 +152,7 @@ class Method:
         (path (b): one backward pass of ``sum_k w_k L_k`` with ``get_weights``),
         ``"per_component"`` (path (a): stacked per-component gradients),
         ``"train_step"`` (``jax.jit(training.make_train_step)`` with
-        ``balance(balancer)``), ``"scheduled"`` (``training.jit_train_step``,
-        both steps compiled before timing) or ``"wrapped_hold"`` (the hold step,
+        ``balance(balancer)``) or ``"wrapped_hold"`` (the hold step,
         ``make_train_step(recompute=False)``, inside a ``lax.cond`` whose two
         branches are that same step: a probe of what the conditional itself
         does to the step's speed).
@@ -174,8 +169,8 @@ class Method:
     update_every: int = 1
 
 
-def _stat_rows(every: int, suffix: str, path: str = "scheduled") -> dict[str, Method]:
-    how = "jit_train_step" if path == "scheduled" else "jit(make_train_step), on-device cond"
+def _stat_rows(every: int, suffix: str, path: str = "train_step") -> dict[str, Method]:
+    how = "jit(make_train_step(balancer=b)), on-device cond"
     return {
         f"lr_annealing{suffix}": Method(
             f"{how}, lr_annealing_balancer(update_every={every}) (grad_abs statistic)",
@@ -253,16 +248,9 @@ METHODS: dict[str, Method] = {
         balancer=lambda k: sj.rlw_balancer(num_losses=k),
     ),
     **_stat_rows(STAT_EVERY, ""),
-    **_stat_rows(STAT_EVERY, "_cond", path="train_step"),
     **_stat_rows(1, "_every1"),
     # update_every larger than any run: only the hold step (no statistic) ever runs.
     "grad_norm_hold": Method(
-        "jit_train_step, grad_norm_balancer(update_every=10**9): hold steps only, never a statistic",
-        "scheduled",
-        balancer=lambda k: sj.grad_norm_balancer(num_losses=k, update_every=10**9),
-        update_every=10**9,
-    ),
-    "grad_norm_hold_cond": Method(
         "jit(make_train_step), grad_norm_balancer(update_every=10**9): the cond's hold branch only",
         "train_step",
         balancer=lambda k: sj.grad_norm_balancer(num_losses=k, update_every=10**9),
@@ -380,15 +368,17 @@ def make_runner(method: Method, terms: Terms, num_losses: int, params0: Any, bat
 
             step = jax.jit(step)
         else:
-            tx = optax.chain(sj.balance(method.balancer(num_losses)), optax.adam(lr))
+            balancer = method.balancer(num_losses)
+            tx = optax.chain(sj.balance(balancer), optax.adam(lr))
         carry = [training.BalancedTrainState.create(apply_fn=None, params=params0, tx=tx)]
         if method.path == "train_step":
-            step = jax.jit(training.make_train_step(loss_components, residuals_fn=residuals))
-        elif method.path == "scheduled":
-            step = training.jit_train_step(loss_components, residuals_fn=residuals)
-            step.precompile(carry[0], batch)
+            step = jax.jit(
+                training.make_train_step(loss_components, balancer=balancer, residuals_fn=residuals)
+            )
         elif method.path == "wrapped_hold":
-            hold = training.make_train_step(loss_components, residuals_fn=residuals, recompute=False)
+            hold = training.make_train_step(
+                loss_components, balancer=balancer, residuals_fn=residuals, recompute=False
+            )
             # The predicate is data (never true in a benchmark run), so XLA keeps the conditional.
             step = jax.jit(lambda state, b: jax.lax.cond(state.step < 2**30, hold, hold, state, b))
 
@@ -560,7 +550,7 @@ def run_processes(args: argparse.Namespace) -> None:
     rows = [[f"`{n}`", _fmt_every(METHODS[n]), *(cell(n, k) for k, _ in keys)] for n in names]
     print(markdown_table(["method", "n", *(h for _, h in keys)], rows, align="lrrrrr"))
     print()
-    for name in GRADIENT_STATISTICS + ON_DEVICE_ROWS:
+    for name in GRADIENT_STATISTICS:
         if name not in names:
             continue
         med = {
@@ -660,7 +650,7 @@ def main() -> None:
             number[name] = steps
     timings = time_interleaved(runners, repeats=repeats, number=number, warmup=warmup, block_each=False)
     for name in names:
-        if name.removesuffix("_every1").removesuffix("_cond") in GRADIENT_STATISTICS:
+        if name.removesuffix("_every1") in GRADIENT_STATISTICS:
             check_recomputed(name, readers[name]())
         elif name.startswith("grad_norm_hold"):
             check_held(name, readers[name]())
@@ -775,11 +765,11 @@ def main() -> None:
         t = timings["grad_norm_hold"]
         lo, hi = _median_ci(t.cpu_samples, struct.cpu_samples)
         print(
-            f"- Hold steps (`grad_norm_hold`: jit_train_step, only its step without the statistic) against "
+            f"- Hold steps (`grad_norm_hold`: the cond step whose statistic branch never runs) against "
             f"`fixed`: wall {_median_ratio(t.samples, struct.samples):.3f}, CPU "
             f"{_median_ratio(t.cpu_samples, struct.cpu_samples):.3f} (95% CI [{lo:.3f}, {hi:.3f}])."
         )
-    for name in GRADIENT_STATISTICS + ON_DEVICE_ROWS:
+    for name in GRADIENT_STATISTICS:
         if name not in ratios:
             continue
         r, c = ratios[name]

@@ -80,8 +80,12 @@ def main() -> None:
     pstate = training.replicate(make_state())
     sharded = training.shard_batch(batch)
 
-    step, place = training.make_sharded_train_step(loss_components, training.data_mesh())
-    sstate, global_batch = place(make_state(), batch)
+    # Sharded jit: the same pure step, the state replicated and the batch split over the mesh.
+    rep, split = training.data_shardings(training.data_mesh())
+    step = jax.jit(
+        training.make_train_step(loss_components), in_shardings=(rep, split), out_shardings=(rep, rep)
+    )
+    sstate, global_batch = jax.device_put(make_state(), rep), jax.device_put(batch, split)
 
     print(f"{'step':>4}  {'losses (pmap)':<36} {'weights (pmap)':<30} max|w_pmap - w_jit|")
     for i in range(args.steps):

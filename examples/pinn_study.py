@@ -65,6 +65,7 @@ from tqdm.auto import tqdm
 
 import softadapt_jax as sj
 from softadapt_jax import training
+from softadapt_jax.balancers.base import recompute_due
 from softadapt_jax.problems import PROBLEM_NAMES, Problem, get_problem
 
 BalancerFactory = Callable[[int, "tuple[int, ...] | None"], sj.Balancer]
@@ -240,28 +241,24 @@ def _seed_errors(problem: Problem) -> Callable[[Any], jax.Array]:
     return jax.jit(jax.vmap(problem.relative_l2_error))
 
 
-def _statistic_schedule(tx: optax.GradientTransformation, params: Any) -> tuple[int, int] | None:
-    """``(update_every, phase)`` of a gradient-statistics balancer in ``tx``, else ``None``.
+def _statistic_schedule(balancer: sj.Balancer) -> tuple[int, int] | None:
+    """``(update_every, phase)`` of a gradient-statistics balancer, else ``None``.
 
-    The statistic step of a block of ``update_every`` steps is at index ``phase``
-    (0 when the balancer updates at steps 0, n, 2n, ...). ``None`` also when the
-    balancer needs no statistic.
+    Derived from the balancer's own schedule (``recompute_due``): the statistic
+    step of a block of ``update_every`` steps is the one at index ``phase``.
     """
-    states = sj.find_balancer_states(jax.eval_shape(tx.init, params))
-    if len(states) != 1 or getattr(states[0].method_state, "statistic", None) is None:
+    if balancer.statistic is None:
         return None
-    schedule = getattr(states[0].method_state, "schedule", None)
-    if schedule is None:
-        raise ValueError("a gradient-statistics balancer without a static `schedule` is not supported")
-    window, update_every, accumulate, *rest = schedule
-    if window != 1 or accumulate != 1:
-        raise ValueError(f"the study needs window=1 and accumulate=1, got {window} and {accumulate}")
-    update_first = bool(rest[0]) if rest else False
-    return int(update_every), 0 if update_first else int(update_every) - 1
+    sched = balancer.schedule
+    if sched is None or sched.window != 1 or sched.accumulate != 1:
+        raise ValueError(f"the study needs window=1 and accumulate=1, got the schedule {sched}")
+    n = sched.update_every
+    (phase,) = [c for c in range(n) if recompute_due(sched, c, 1, 0)]
+    return n, phase
 
 
 def make_segment(
-    problem: Problem, schedule: tuple[int, int] | None, start_phase: int, length: int
+    problem: Problem, balancer: sj.Balancer, start_phase: int, length: int
 ) -> Callable[[Any], tuple[Any, jax.Array, jax.Array]]:
     """``carry -> (carry, losses [length, K], weights [length, K])``: ``length`` training steps.
 
@@ -269,10 +266,16 @@ def make_segment(
     ``problem.next_points``. With a gradient-statistics ``schedule = (n, phase)``, the
     steps at which the balancer recomputes (``(start_phase + i) % n == phase``) run the
     step that computes the statistic and all others the plain step, laid out
-    statically, so the program has no ``lax.cond``.
+    statically: the seeds are vmapped, and under vmap the step's own ``lax.cond`` would
+    become a select computing the statistic at every step.
     """
-    plain = training.make_train_step(problem.loss_components, residuals_fn=problem.residuals, recompute=False)
-    stat = training.make_train_step(problem.loss_components, residuals_fn=problem.residuals, recompute=True)
+    schedule = _statistic_schedule(balancer)
+    plain, stat = (
+        training.make_train_step(
+            problem.loss_components, balancer=balancer, residuals_fn=problem.residuals, recompute=r
+        )
+        for r in (False, True)
+    )
 
     def scan_steps(carry: Any, step: Callable, count: int) -> tuple[Any, tuple[jax.Array, jax.Array]]:
         def body(c: Any, _: Any) -> tuple[Any, tuple[jax.Array, jax.Array]]:
@@ -357,8 +360,7 @@ def train_method(
         return state, problem.init_points(k_points)
 
     carry = jax.jit(jax.vmap(init))(keys)
-    first_params = jax.tree.map(lambda x: x[0], carry[0].params)
-    schedule = _statistic_schedule(tx, first_params)
+    schedule = _statistic_schedule(balancer)
     initial_error = np.asarray(_seed_errors(problem)(carry[0].params))
 
     compiled: dict[tuple[int, int], Any] = {}
@@ -370,7 +372,7 @@ def train_method(
         key = ((start % schedule[0]) if schedule else 0, length)
         if key not in compiled:
             bar.set_description_str(f"compiling {name} ({m}/{n_methods})")
-            segment = make_segment(problem, schedule, key[0], length)
+            segment = make_segment(problem, balancer, key[0], length)
 
             def chunk(c: Any) -> Any:
                 c, losses, weights = jax.vmap(segment)(c)

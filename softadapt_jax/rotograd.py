@@ -53,7 +53,7 @@ VJP, one heads forward with K batched VJPs. Use :func:`rotograd_optimizer` to
 give the RotoGrad parameters their own optimizer (``optax.multi_transform``).
 
 On several devices, either use ``jax.jit`` with a ``NamedSharding`` on the
-batch (as :func:`softadapt_jax.training.make_sharded_train_step`): the
+batch (the sharded recipe of :mod:`softadapt_jax.training`): the
 batch-wide norms and means are then global reductions, inserted by XLA; or
 ``jax.pmap`` with an ``axis_name`` (:func:`make_rotograd_pmap_train_step`, or
 ``axis_name=`` of :func:`make_rotograd_train_step` / :func:`rotograd_gradients`

@@ -4,8 +4,7 @@ Learning-rate annealing, gradient-norm and NTK weighting look at the
 per-component gradients, which cost K backward passes. The balancers that use
 them set ``recompute_next`` in their state, and the train step
 (:func:`softadapt_jax.training.make_train_step`) computes the statistic only
-on those steps (under ``lax.cond``, or in a step chosen on the host by
-:func:`softadapt_jax.training.jit_train_step`). :func:`compute_statistic` is
+on those steps (under a ``lax.cond``). :func:`compute_statistic` is
 the stand-alone form; :func:`statistic_from_grads` reduces gradients already
 computed.
 

@@ -10,17 +10,30 @@ One step, whatever the device layout, reads top to bottom:
 4. ``tx.update(grads, opt_state, params, losses=losses)`` records the losses
    and updates the weights for the next step.
 
-Layouts:
+The step is pure and built once, by :func:`make_train_step`; the layout is
+the caller's choice of wrapper:
 
-* one device: ``jax.jit(make_train_step(fn))``, or :func:`jit_train_step` in a
-  Python loop (for the gradient-statistics balancers it compiles the steps
-  with and without the statistic apart and picks one on the host, so the
-  other steps run no conditional);
-* ``jax.pmap``: :func:`make_pmap_train_step`, with :func:`replicate`,
-  :func:`unreplicate` and :func:`shard_batch` (also across processes started
-  with ``jax.distributed.initialize``; each process passes its local shard);
-* ``jax.jit`` with ``NamedSharding`` (the current recommendation):
-  :func:`make_sharded_train_step`, with :func:`data_mesh`.
+* one device::
+
+    step = jax.jit(make_train_step(loss_fn, balancer=b))
+
+* ``jax.pmap`` (also across processes started with
+  ``jax.distributed.initialize``; each process passes its local shard)::
+
+    pstep = jax.pmap(make_train_step(loss_fn, balancer=b, axis_name="d"), axis_name="d")
+    state, metrics = pstep(replicate(state), shard_batch(batch))
+
+  (:func:`make_pmap_train_step` is this plus a check of the inputs' device axis);
+
+* ``jax.jit`` with ``NamedSharding`` (the current recommendation)::
+
+    rep, split = data_shardings(data_mesh())
+    step = jax.jit(make_train_step(loss_fn, balancer=b), in_shardings=(rep, split),
+                   out_shardings=(rep, rep))
+    state, batch = jax.device_put(state, rep), jax.device_put(batch, split)
+
+  XLA inserts the cross-device reductions, so the balancer sees the
+  global-batch losses on every device.
 
 Checkpoints use ``flax.serialization`` (msgpack bytes of the whole state,
 balancer included): synchronous, dependency-free and exact, which is what a
@@ -43,7 +56,8 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from softadapt_jax import checkpoints
-from softadapt_jax.balancers.base import group_sum
+from softadapt_jax.balancers.base import Balancer, group_sum
+from softadapt_jax.balancers.gradient_weighting import GradientWeightingState
 from softadapt_jax.gradients.per_component import per_component_grads
 from softadapt_jax.guard import all_finite, count_skipped, keep_if, step_metrics
 from softadapt_jax.statistics import (
@@ -101,18 +115,6 @@ class BalancedTrainState(train_state.TrainState):
         return get_weights(self.opt_state)
 
 
-def _statistic_balancer(opt_state: Any) -> Any:
-    """The one balancer state in ``opt_state`` whose balancer needs a gradient statistic, else ``None``.
-
-    Host-side only (static attributes, no device work): ``None`` also when
-    there is more than one balancer.
-    """
-    states = find_balancer_states(opt_state)
-    if len(states) == 1 and getattr(states[0].method_state, "statistic", None) is not None:
-        return states[0]
-    return None
-
-
 class _StatisticRequest(NamedTuple):
     """What the train step needs to know about the balancer that asks for a gradient statistic."""
 
@@ -124,28 +126,45 @@ class _StatisticRequest(NamedTuple):
     zeros: jax.Array
 
 
-def _statistic_request(opt_state: Any) -> _StatisticRequest | None:
-    """The request of the one balancer in ``opt_state`` that needs a statistic.
+def _needs_balancer(opt_state: Any) -> None:
+    # The built-in gradient-statistics balancers carry a GradientWeightingState; without the
+    # Balancer the step cannot know which statistic to compute, and would silently skip it.
+    for bstate in find_balancer_states(opt_state):
+        if isinstance(bstate.method_state, GradientWeightingState):
+            raise ValueError(
+                "the optimizer holds a gradient-statistics balancer (learning-rate annealing, "
+                "gradient-norm or NTK weighting), but make_train_step got no `balancer`: pass the "
+                "same Balancer, make_train_step(loss_fn, balancer=b), so the step computes its statistic."
+            )
 
-    ``None`` when no balancer (or more than one) asks for a gradient statistic.
-    Method states without ``groups`` / ``statistic_at`` fields get one group per
-    term and the statistic at the step's own parameters.
-    """
-    bstate = _statistic_balancer(opt_state)
-    if bstate is None:
+
+def _statistic_request(opt_state: Any, balancer: Balancer | None) -> _StatisticRequest | None:
+    """The statistic ``balancer`` asks for, with its state's ``recompute_next``; ``None`` if none."""
+    if balancer is None or balancer.statistic is None:
+        if balancer is None:
+            _needs_balancer(opt_state)
         return None
-    ms = bstate.method_state
-    kind = ms.statistic
-    statistic_at = getattr(ms, "statistic_at", "current")
-    if statistic_at not in ("updated", "current"):
-        raise ValueError(f"`statistic_at` must be 'updated' or 'current', got {statistic_at!r}.")
+    expected = jax.eval_shape(balancer.init)
+    want = jax.tree.structure(expected.method_state), expected.history.shape, expected.weights.shape
+    states = [
+        s
+        for s in find_balancer_states(opt_state)
+        if (jax.tree.structure(s.method_state), s.history.shape[-2:], s.weights.shape[-1:]) == want
+    ]
+    if len(states) != 1:
+        raise ValueError(
+            f"`balancer` ({balancer.name!r}, history {want[1]}, weights {want[2]}) must match exactly one "
+            f"balancer state in the optimizer state; found {len(states)}. Build the optimizer with "
+            "the same Balancer object (e.g. optax.chain(sj.balance(b), optax.adam(...)))."
+        )
+    (bstate,) = states
     # One statistic row per weight group: the history holds one column per group.
-    zeros = jnp.zeros(statistic_shape(kind, bstate.history.shape[-1]), bstate.weights.dtype)
+    zeros = jnp.zeros(statistic_shape(balancer.statistic, bstate.history.shape[-1]), bstate.weights.dtype)
     return _StatisticRequest(
-        kind=kind,
-        options=dict(getattr(ms, "statistic_options", ())),
-        groups=getattr(ms, "groups", None),
-        statistic_at=statistic_at,
+        kind=balancer.statistic,
+        options=dict(balancer.statistic_options),
+        groups=balancer.groups,
+        statistic_at=balancer.statistic_at,
         due=bstate.recompute_next,
         zeros=zeros,
     )
@@ -154,18 +173,28 @@ def _statistic_request(opt_state: Any) -> _StatisticRequest | None:
 def make_train_step(
     loss_components_fn: LossComponentsFn,
     *,
+    balancer: Balancer | None = None,
     axis_name: str | None = None,
     has_aux: bool = False,
     residuals_fn: Callable[..., Any] | None = None,
-    recompute: bool | None = None,
     guard: bool = True,
+    recompute: bool | None = None,
 ) -> Callable[[BalancedTrainState, Any], tuple[BalancedTrainState, Metrics]]:
-    """Builds ``step(state, batch) -> (state, metrics)`` with one backward pass.
+    """Builds the pure ``step(state, batch) -> (state, metrics)``, one backward pass per step.
+
+    The same step serves every layout: wrap it yourself (recipes in the module
+    docstring and README) in ``jax.jit``, ``jax.pmap(..., axis_name=a)``
+    (built with ``axis_name=a``) or ``jax.jit`` with shardings.
 
     Args:
       loss_components_fn: ``f(params, batch) -> losses [K]`` (or
         ``(losses, aux)`` with ``has_aux``); each loss a mean over the batch,
         so that averaging across devices gives the global-batch loss.
+      balancer: the :class:`~softadapt_jax.balancers.Balancer` inside the
+        optimizer, required when it needs a gradient statistic (learning-rate
+        annealing, gradient-norm, NTK weighting): its static settings say
+        which statistic, with which options, evaluated where. Loss-statistics
+        balancers and plain optimizers need none.
       axis_name: the ``pmap`` axis to average losses and gradients over
         (``None`` on one device or under sharded ``jit``).
       has_aux: whether ``f`` returns auxiliary outputs (put in ``metrics["aux"]``).
@@ -174,25 +203,15 @@ def make_train_step(
         :func:`softadapt_jax.statistics.compute_statistic`: terms that work
         row by row, as PINN collocation sets do, cost one one-point backward
         pass per point).
-      recompute: for balancers that need a gradient statistic: ``None``
-        (default) decides on the device, from the balancer's
-        ``recompute_next``, with a ``lax.cond``; ``True`` builds the step that
-        always computes the statistic; ``False`` the step that never does (a
-        balancer that is due then gets a statistic of zeros, which the
-        built-in gradient-statistics rules take as no new estimate, so they
-        keep their weights). :func:`jit_train_step`
-        compiles the last two and picks one on the host. Ignored for other
-        balancers.
-
     Balancers that need a gradient statistic (learning-rate annealing,
     gradient-norm, NTK weighting) get it computed only on the steps that
-    recompute their weights: with ``recompute=None`` the step is a
-    ``lax.cond`` between the plain step (one backward pass) and the step that
-    also computes the statistic. For a step built once and used anywhere
-    (``jit``, ``pmap``, inside ``lax.scan``).
+    recompute their weights, decided inside the step from the balancer state's
+    ``recompute_next``: the step is a ``lax.cond`` between the plain step (one
+    backward pass) and the step that also computes the statistic, so it works
+    anywhere (``jit``, ``pmap``, inside ``lax.scan``).
 
-    Where the statistic is evaluated is the balancer's choice (its method
-    state's ``statistic_at``): ``"updated"`` (the original implementations)
+    Where the statistic is evaluated is the balancer's choice (its
+    ``statistic_at``): ``"updated"`` (the original implementations)
     takes the step's weighted gradient and optimizer update as usual, then
     the statistic of the group-summed losses at the updated parameters on
     the same batch (G more backward passes); ``"current"`` takes it at the
@@ -200,6 +219,16 @@ def make_train_step(
     per-component backward passes also give the step's gradient (no
     separate weighted pass). Either way the weights recomputed on a step
     apply from the next step on.
+
+    ``recompute`` overrides that decision for callers that lay the schedule
+    out statically: ``True`` builds the step that always computes the
+    statistic, ``False`` the one that never does (a due balancer then gets a
+    statistic of zeros, which the built-in rules read as no new estimate, so
+    it keeps its weights). Under ``jax.vmap`` over independent runs (seeds)
+    the ``lax.cond`` becomes a select that computes the statistic on every
+    step; there, compute the recompute steps on the host with the balancer's
+    own schedule, :func:`softadapt_jax.balancers.base.recompute_due`, and
+    alternate the two steps (as ``examples/pinn_study.py`` does).
 
     With ``guard=True`` (default) a step whose losses or gradients are not
     finite changes nothing: parameters, optimizer and balancer state stay as
@@ -216,14 +245,24 @@ def make_train_step(
     Raises:
       ValueError (at trace time): the loss function's output is not ``[K]``
         with K the balancer's number of losses.
-      TypeError: ``recompute`` is not ``None`` or a bool, ``guard`` not a
-        bool, or ``state`` is not a :class:`BalancedTrainState` (Flax's own
+      ValueError (at trace time): the optimizer holds a gradient-statistics
+        balancer but ``balancer`` is not given, or ``balancer`` matches no
+        (or several) balancer states in it.
+      TypeError: ``balancer`` is not a Balancer, ``guard`` not a bool, or
+        ``state`` is not a :class:`BalancedTrainState` (Flax's own
         ``TrainState`` would drop the losses).
+
+    Example:
+      >>> b = sj.lr_annealing_balancer(num_losses=2)  # doctest: +SKIP
+      >>> tx = optax.chain(sj.balance(b), optax.adam(1e-3))  # doctest: +SKIP
+      >>> step = jax.jit(make_train_step(loss_components, balancer=b))  # doctest: +SKIP
     """
-    if recompute is not None and not isinstance(recompute, bool):
-        raise TypeError(f"`recompute` must be None, True or False, got {recompute!r}.")
+    if balancer is not None and not isinstance(balancer, Balancer):
+        raise TypeError(f"`balancer` must be a Balancer or None, got {type(balancer).__name__}.")
     if not isinstance(guard, bool):
         raise TypeError(f"`guard` must be a bool, got {guard!r}.")
+    if recompute is not None and not isinstance(recompute, bool):
+        raise TypeError(f"`recompute` must be None, True or False, got {recompute!r}.")
 
     plain_fn = (lambda p, b: loss_components_fn(p, b)[0]) if has_aux else loss_components_fn
 
@@ -313,7 +352,7 @@ def make_train_step(
                 "Flax's own TrainState.apply_gradients does not pass the losses to the optimizer, so "
                 "the balancer would never see them. Create it with BalancedTrainState.create(...)."
             )
-        request = _statistic_request(state.opt_state)
+        request = _statistic_request(state.opt_state, balancer)
         if request is None:
             return balanced_step(state, batch, None)
 
@@ -332,209 +371,34 @@ def make_train_step(
         if recompute is not None:
             return (with_statistic if recompute else without_statistic)(state, batch)
 
-        # The whole step goes under the cond, not just the statistic: on XLA:CPU, work
-        # beside a cond ran 20-40% slower than the same work alone (micro-benchmark), while
-        # under a cond around everything a hold step measured 0.90x a fixed-weight step with
-        # one forward pass per loss term and 1.02x with one shared forward pass
-        # (benchmarks/RESULTS.md, section 2).
+        # The whole step goes under the cond, not just the statistic: XLA:CPU runs work
+        # beside a conditional slower than the same work alone (benchmarks/RESULTS.md).
         return jax.lax.cond(request.due, with_statistic, without_statistic, state, batch)
 
     return step
 
 
-class _Schedule(NamedTuple):
-    """Host copy of the counters that decide a balancer's next recompute, and its static schedule."""
-
-    count: int
-    filled: int
-    accum_count: int
-    window: int
-    update_every: int
-    accumulate: int
-    update_first: bool
-
-    @property
-    def due(self) -> bool:
-        """Whether the step on a state with these counters recomputes (``BalancerState.recompute_next``)."""
-        push = self.accum_count + 1 >= self.accumulate
-        full = min(self.filled + 1, self.window) >= self.window
-        phase = 0 if self.update_first else self.update_every - 1
-        return push and full and self.count % self.update_every == phase
-
-    def advanced(self) -> _Schedule:
-        """The counters after one accepted step (as ``make_balancer``'s update moves them)."""
-        accum_count = self.accum_count + 1
-        push = accum_count >= self.accumulate
-        filled = min(self.filled + 1, self.window) if push else self.filled
-        # Positional construction: a third of the host time of _replace, on every step.
-        accum_count = 0 if push else accum_count
-        return _Schedule(
-            self.count + 1,
-            filled,
-            accum_count,
-            self.window,
-            self.update_every,
-            self.accumulate,
-            self.update_first,
-        )
-
-
-def _read_schedule(bstate: Any) -> _Schedule | None:
-    """The balancer's counters, read from the device (this waits for them), and its schedule.
-
-    ``None`` when the balancer's method state does not declare a static
-    ``schedule`` (``(window, update_every, accumulate[, update_first])``).
-    """
-    schedule = getattr(bstate.method_state, "schedule", None)
-    if schedule is None:
-        return None
-    window, update_every, accumulate, *rest = schedule
-    update_first = bool(rest[0]) if rest else False
-    # One transfer of the three counters (replica 0 of a replicated state).
-    counters = jax.device_get((bstate.count, bstate.filled, bstate.accum_count))
-    count, filled, accum_count = (int(np.asarray(c).reshape(-1)[0]) for c in counters)
-    return _Schedule(count, filled, accum_count, window, update_every, accumulate, update_first)
-
-
-class ScheduledTrainStep:
-    """A jitted train step that decides on the host which steps compute the gradient statistic.
-
-    Built by :func:`jit_train_step`. Call it as ``state, metrics = step(state, batch)``.
-
-    Attributes:
-      hold_step: the jitted step without the statistic (one backward pass, no
-        conditional); also the step of balancers that need no statistic.
-      recompute_step: the jitted step that computes the statistic.
-      cond_step: the jitted ``lax.cond`` step, used when the balancer's
-        schedule is unknown (a custom balancer without a ``schedule``).
-      syncs: how many times the step waited for the device to read the
-        balancer's counters.
-    """
-
-    def __init__(self, make: Callable[[bool | None], Callable[..., Any]], donate_state: bool) -> None:
-        donate = (0,) if donate_state else ()
-        self.hold_step = jax.jit(make(False), donate_argnums=donate)
-        self.recompute_step = jax.jit(make(True), donate_argnums=donate)
-        self.cond_step = jax.jit(make(None), donate_argnums=donate)
-        self.syncs = 0
-        self._mode = "unknown"  # "plain", "cond" or "scheduled", set by _sync
-        self._schedule: _Schedule | None = None
-        self._last_opt_state: Any = None
-        self._last_recomputed = False
-
-    def precompile(self, state: BalancedTrainState, batch: Any) -> None:
-        """Compiles the steps ``state`` will need now rather than at their first call.
-
-        Without it the recompute step compiles on the first recompute, in the
-        middle of a run (which matters when timing one).
-        """
-        bstate = _statistic_balancer(state.opt_state)
-        if bstate is None:
-            steps = [self.hold_step]
-        elif getattr(bstate.method_state, "schedule", None) is None:
-            steps = [self.cond_step]
-        else:
-            steps = [self.hold_step, self.recompute_step]
-        for fn in steps:
-            fn.lower(state, batch).compile()
-
-    def _sync(self, state: BalancedTrainState) -> None:
-        # Kept to host-side work and one read of the counters: it runs after the queue of
-        # dispatched steps has drained, while the device waits for the next one.
-        self._last_recomputed = False
-        bstate = _statistic_balancer(state.opt_state)
-        if bstate is None:
-            self._mode, self._schedule = "plain", None
-            return
-        self.syncs += 1
-        self._schedule = _read_schedule(bstate)
-        self._mode = "cond" if self._schedule is None else "scheduled"
-
-    def __call__(self, state: BalancedTrainState, batch: Any) -> tuple[BalancedTrainState, Metrics]:
-        # The counters are read from the device only for a state this object did not return,
-        # and after a recompute step that a hold step would follow (its losses may have been
-        # rejected, leaving the balancer due). Otherwise the host copy is exact or ahead: a
-        # rejected step does not advance the balancer, so it is never due before the copy
-        # says. A recompute step on a state that is not due is harmless (the balancer then
-        # ignores the statistic); a hold step on a due state never runs.
-        if state.opt_state is not self._last_opt_state:
-            self._sync(state)
-        if self._mode == "scheduled":
-            assert self._schedule is not None
-            due = self._schedule.due
-            if not due and self._last_recomputed:
-                self._sync(state)
-                due = self._schedule.due
-            state, metrics = (self.recompute_step if due else self.hold_step)(state, batch)
-            self._schedule = self._schedule.advanced()
-            self._last_recomputed = due
-        else:
-            state, metrics = (self.hold_step if self._mode == "plain" else self.cond_step)(state, batch)
-        self._last_opt_state = state.opt_state
-        return state, metrics
-
-
-def jit_train_step(
-    loss_components_fn: LossComponentsFn,
-    *,
-    has_aux: bool = False,
-    residuals_fn: Callable[..., Any] | None = None,
-    donate_state: bool = False,
-) -> ScheduledTrainStep:
-    """The jitted single-device train step, with the statistic schedule decided on the host.
-
-    For balancers that need a gradient statistic, ``jax.jit(make_train_step(f))``
-    puts the whole step under a ``lax.cond`` on the balancer's
-    ``recompute_next``; this compiles the step without the statistic and the
-    step with it separately, and calls the right one from a host copy of the
-    balancer's schedule. Hold steps then run no conditional, and the host
-    waits for the device only after each recompute step (to learn whether
-    its losses were accepted) and for a state it did not return itself (e.g.
-    one restored from a checkpoint). The results equal those of
-    ``jax.jit(make_train_step(f))``, non-finite losses included. Balancers
-    without a statistic get the plain jitted step.
-
-    Args:
-      loss_components_fn: ``f(params, batch) -> losses [K]`` (see :func:`make_train_step`).
-      has_aux: whether ``f`` returns ``(losses, aux)``.
-      residuals_fn: per-point residuals, for the NTK balancer.
-      donate_state: donate the input state's buffers to the step (the caller
-        must not use a state after passing it in).
-
-    Returns:
-      A :class:`ScheduledTrainStep`: ``step(state, batch) -> (state, metrics)``.
-
-    Example:
-      >>> step = jit_train_step(loss_components)  # doctest: +SKIP
-      >>> for batch in batches:  # doctest: +SKIP
-      ...     state, metrics = step(state, batch)
-    """
-
-    def make(recompute: bool | None) -> Callable[..., Any]:
-        return make_train_step(
-            loss_components_fn, has_aux=has_aux, residuals_fn=residuals_fn, recompute=recompute
-        )
-
-    return ScheduledTrainStep(make, donate_state)
-
-
 def make_pmap_train_step(
     loss_components_fn: LossComponentsFn,
     *,
+    balancer: Balancer | None = None,
     axis_name: str = "devices",
     has_aux: bool = False,
     residuals_fn: Callable[..., Any] | None = None,
 ) -> Callable[[BalancedTrainState, Any], tuple[BalancedTrainState, Metrics]]:
-    """The train step under ``jax.pmap``: replicated state, batch sharded on axis 0.
+    """``jax.pmap(make_train_step(..., axis_name=a), axis_name=a)``, with its inputs checked.
 
-    Losses and gradients are averaged with ``lax.pmean`` before they reach the
-    balancer, so every replica holds the same history and weights. Works
-    unchanged across processes (``jax.distributed.initialize``).
+    The pmap recipe plus one host-side check: a batch not passed through
+    :func:`shard_batch` (or a state not :func:`replicate`-d) gets an error that
+    says so, instead of pmap's bare shape mismatch. Losses and gradients are
+    averaged with ``lax.pmean`` before they reach the balancer, so every
+    replica holds the same history and weights. Works unchanged across
+    processes (``jax.distributed.initialize``).
 
     Args:
       loss_components_fn: as in :func:`make_train_step`.
+      balancer, has_aux, residuals_fn: as in :func:`make_train_step`.
       axis_name: name of the mapped axis.
-      has_aux, residuals_fn: as in :func:`make_train_step`.
 
     Returns:
       ``pstep(replicated_state, sharded_batch) -> (replicated_state, metrics)``
@@ -542,7 +406,7 @@ def make_pmap_train_step(
       (see :func:`shard_batch`).
     """
     step = make_train_step(
-        loss_components_fn, axis_name=axis_name, has_aux=has_aux, residuals_fn=residuals_fn
+        loss_components_fn, balancer=balancer, axis_name=axis_name, has_aux=has_aux, residuals_fn=residuals_fn
     )
     pstep = jax.pmap(step, axis_name=axis_name)
 
@@ -608,47 +472,15 @@ def data_mesh(devices: Any = None, axis_name: str = "data") -> Mesh:
     return Mesh(devs.reshape(-1), (axis_name,))
 
 
-def make_sharded_train_step(
-    loss_components_fn: LossComponentsFn,
-    mesh: Mesh,
-    *,
-    axis_name: str | None = None,
-    has_aux: bool = False,
-    residuals_fn: Callable[..., Any] | None = None,
-) -> tuple[Callable[[BalancedTrainState, Any], tuple[BalancedTrainState, Metrics]], Callable[..., Any]]:
-    """The train step under ``jax.jit`` with ``NamedSharding``: data-parallel over ``mesh``.
+def data_shardings(mesh: Mesh, axis_name: str | None = None) -> tuple[NamedSharding, NamedSharding]:
+    """``(replicated, split)``: the state's and the batch's shardings for data parallelism on ``mesh``.
 
-    The state is replicated and the batch split on its leading axis; XLA
-    inserts the cross-device reductions, so the losses the balancer sees are
-    the global-batch losses, identical on every device.
-
-    Args:
-      loss_components_fn: as in :func:`make_train_step`.
-      mesh: a 1-D mesh (see :func:`data_mesh`).
-      axis_name: the mesh axis the batch is split over (default: the mesh's
-        only axis).
-      has_aux, residuals_fn: as in :func:`make_train_step`.
-
-    Returns:
-      ``(step, place)``: the jitted step, and ``place(state, batch)`` which
-      puts a host state and a global batch on the mesh (raising ValueError if
-      the batch does not divide by the mesh size).
+    ``split`` cuts every batch leaf along its leading axis over the mesh axis
+    ``axis_name`` (default: the mesh's first axis); the batch size must divide
+    by that axis' size (check it with :func:`shard_batch` for a clear error).
     """
     data_axis = axis_name or mesh.axis_names[0]
-    replicated = NamedSharding(mesh, PartitionSpec())
-    split = NamedSharding(mesh, PartitionSpec(data_axis))
-    n_dev = mesh.shape[data_axis]
-
-    def place(state: BalancedTrainState, batch: Any) -> tuple[BalancedTrainState, Any]:
-        shard_batch(batch, n_dev)  # validates divisibility with a clear message
-        return jax.device_put(state, replicated), jax.device_put(batch, split)
-
-    step = jax.jit(
-        make_train_step(loss_components_fn, has_aux=has_aux, residuals_fn=residuals_fn),
-        in_shardings=(replicated, split),
-        out_shardings=(replicated, replicated),
-    )
-    return step, place
+    return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec(data_axis))
 
 
 save_checkpoint = checkpoints.save_checkpoint

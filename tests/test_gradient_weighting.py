@@ -281,7 +281,7 @@ def test_groups_share_one_weight() -> None:
     w, state = bal.update(jnp.ones(5), bal.init(), stats)
     lam = 0.9 + 0.1 * 4.0 / (1.0 * 0.5)
     np.testing.assert_allclose(w, [1.0, lam, lam, lam, lam], rtol=1e-6)
-    assert state.method_state.groups == (0, 1, 1, 1, 1)
+    assert bal.groups == (0, 1, 1, 1, 1)
     w, _ = bal.update(jnp.ones(5), state, stats)
     np.testing.assert_allclose(w[1:], 0.9 * lam + 0.1 * 4.0 / (lam * 0.5), rtol=1e-6)
 
@@ -379,7 +379,7 @@ def test_per_component_gradients_only_on_recompute_steps(factory, statistic_at: 
     bal = factory(num_losses=3, update_every=5, statistic_at=statistic_at)
     tx = optax.chain(sj.balance(bal), optax.adam(1e-2))
     state = training.BalancedTrainState.create(apply_fn=None, params=init_params(), tx=tx)
-    step = jax.jit(training.make_train_step(fn, residuals_fn=residuals))
+    step = jax.jit(training.make_train_step(fn, balancer=bal, residuals_fn=residuals))
     calls = backward_passes_per_step(step, state, counter, 10)
     leaves = len(jax.tree.leaves(init_params()))
     # One backward pass (one tap per parameter leaf) except on steps 0 and 5 (0-based). There,
@@ -418,11 +418,11 @@ def test_recompute_step_by_hand(factory, statistic_at: str, has_aux: bool) -> No
     tx = optax.chain(sj.balance(bal), optax.adam(1e-2))
     fn = (lambda p, b: (loss_components(p, b), {"mean_x": jnp.mean(b)})) if has_aux else loss_components
     state = training.BalancedTrainState.create(apply_fn=None, params=init_params(), tx=tx)
-    step = jax.jit(training.make_train_step(fn, has_aux=has_aux, residuals_fn=residuals))
+    step = jax.jit(training.make_train_step(fn, balancer=bal, has_aux=has_aux, residuals_fn=residuals))
     state, _ = step(state, X)  # step 0 holds, step 1 recomputes
     assert bool(sj.find_balancer_states(state.opt_state)[0].recompute_next)
 
-    opts = dict(sj.find_balancer_states(state.opt_state)[0].method_state.statistic_options)
+    opts = dict(bal.statistic_options)
 
     def stats_fn(current, updated=None):
         at = current if updated is None or statistic_at == "current" else updated
@@ -444,12 +444,14 @@ def test_recompute_step_by_hand(factory, statistic_at: str, has_aux: bool) -> No
 
 @pytest.mark.parametrize("factory", FACTORIES)
 def test_grouped_train_step_uses_the_group_statistic(factory) -> None:
-    # The train step only sees the optimizer state: the groups travel in the method state.
+    # The groups travel in the Balancer the step is given.
     bal = factory(num_losses=3, groups=GROUPS, update_every=1, statistic_at="current")
     tx = optax.chain(sj.balance(bal), optax.adam(1e-2))
     state = training.BalancedTrainState.create(apply_fn=None, params=init_params(), tx=tx)
-    new, _ = jax.jit(training.make_train_step(loss_components, residuals_fn=residuals))(state, X)
-    opts = dict(bal.init().method_state.statistic_options)
+    new, _ = jax.jit(training.make_train_step(loss_components, balancer=bal, residuals_fn=residuals))(
+        state, X
+    )
+    opts = dict(bal.statistic_options)
     stats = compute_statistic(
         bal.statistic, loss_components, state.params, X, residuals_fn=residuals, groups=GROUPS, **opts
     )
@@ -467,13 +469,13 @@ def test_gradient_weighting_trains_and_matches_under_pmap(factory, statistic_at:
     bal = factory(num_losses=3, update_every=2, statistic_at=statistic_at)
     tx = optax.chain(sj.balance(bal), optax.adam(1e-2))
     state = training.BalancedTrainState.create(apply_fn=None, params=init_params(), tx=tx)
-    step = jax.jit(training.make_train_step(loss_components, residuals_fn=residuals))
+    step = jax.jit(training.make_train_step(loss_components, balancer=bal, residuals_fn=residuals))
     single = state
     for _ in range(4):
         single, m = step(single, X)
     chex.assert_tree_all_finite(single.params)
     assert not np.allclose(m["weights"], 1.0)
-    pstep = training.make_pmap_train_step(loss_components, residuals_fn=residuals)
+    pstep = training.make_pmap_train_step(loss_components, balancer=bal, residuals_fn=residuals)
     multi = training.replicate(state)
     xs = training.shard_batch(X, n_dev)
     for _ in range(4):

@@ -161,7 +161,7 @@ def balancers(scheme: str, k: int) -> tuple[sj.Balancer, sj.Balancer]:
 
 def updated_weights(balancer: sj.Balancer, losses, before, stats) -> jax.Array:
     state = balancer.init()
-    state = state._replace(method_state=state.method_state.replace(ema=before))
+    state = state._replace(method_state=state.method_state._replace(ema=before))
     weights, _ = balancer.update(losses, state, stats)
     return weights
 
@@ -179,7 +179,7 @@ def test_rebuilt_problem_weights(x64, scheme: str, problem: str) -> None:
     cs = cases(scheme, problem)
     losses_fn, residuals_fn, keys = problem_fns(problem)
     default, raw = balancers(scheme, len(keys))
-    options = dict(default.init().method_state.statistic_options)
+    options = dict(default.statistic_options)
     assert options["params_filter"] == "all"  # jaxpi differentiates every parameter
 
     def one_case(params, batch, before):

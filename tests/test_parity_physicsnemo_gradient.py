@@ -103,9 +103,9 @@ def test_lr_annealing(x64, case_index: int) -> None:
         **{k: kwargs[k] for k in ("alpha",) if k in kwargs},
         **({"update_every": kwargs["update_freq"]} if "update_freq" in kwargs else {}),
     )
-    ms = balancer.init().method_state
-    assert ms.statistic_at == "current" and ms.schedule == (1, kwargs.get("update_freq", 1), 1, True)
-    options = dict(ms.statistic_options)
+    assert balancer.statistic_at == "current"
+    assert balancer.schedule == (1, kwargs.get("update_freq", 1), 1, True)
+    options = dict(balancer.statistic_options)
     assert options == {"params_filter": "all", "mean_over": "entries"}
 
     losses_fn = model_losses(inputs)
@@ -130,12 +130,11 @@ def test_ntk(x64) -> None:
     n = inputs["run_per_step"]
     balancer = sj.ntk_balancer(num_losses=3, convention="physicsnemo", update_every=n)
     assert balancer.statistic == "sqrt_loss_grad_norm"
-    ms = balancer.init().method_state
-    assert ms.statistic_at == "updated" and ms.schedule == (1, n, 1, False)
+    assert balancer.statistic_at == "updated" and balancer.schedule == (1, n, 1, False)
 
     losses_fn = model_losses(inputs)
     params = unflatten(np.array([s["params"] for s in steps]))
-    options = dict(ms.statistic_options)
+    options = dict(balancer.statistic_options)
     losses, stats = jax.jit(
         jax.vmap(
             lambda p: (

@@ -59,7 +59,11 @@ def test_demo_set_up_runs_grouped_with_fresh_points(study, tmp_path: Path) -> No
     assert "2 weights, groups (0, 1, 1, 1, 1)" in table and "fresh points every step" in table
     summary = json.loads((tmp_path / "pinn_helmholtz_wang2021_results.json").read_text())
     assert set(summary["methods"]) == {"fixed", "lr_annealing"}
-    assert summary["methods"]["lr_annealing"]["vs_fixed"]["verdict"] in {"better", "worse", "no clear difference"}
+    assert summary["methods"]["lr_annealing"]["vs_fixed"]["verdict"] in {
+        "better",
+        "worse",
+        "no clear difference",
+    }
     for figure in ("error_curve", "training", "solution"):
         assert (tmp_path / f"pinn_helmholtz_wang2021_{figure}.png").stat().st_size > 10_000, figure
 
@@ -112,20 +116,24 @@ def test_every_registered_method_builds_and_updates(study) -> None:
 def test_static_schedule_matches_the_cond_step(study, x64) -> None:
     # The study lays the statistic steps out statically; a scan of the library's lax.cond step
     # (which decides on the device) must give the same weights, losses and parameters.
-    problem = get_problem("burgers", hidden=(4,), num_residual=16, num_initial=8, num_boundary=8, resample=True)
-    tx = optax.chain(sj.balance(sj.lr_annealing_balancer(num_losses=4, groups=(0, 1, 1, 1))), optax.adam(1e-2))
+    problem = get_problem(
+        "burgers", hidden=(4,), num_residual=16, num_initial=8, num_boundary=8, resample=True
+    )
+    balancer = sj.lr_annealing_balancer(num_losses=4, groups=(0, 1, 1, 1))
+    tx = optax.chain(sj.balance(balancer), optax.adam(1e-2))
     key_params, key_points = jax.random.split(jax.random.PRNGKey(0))
     state = training.BalancedTrainState.create(
         apply_fn=problem.predict, params=problem.init_params(key_params), tx=tx
     )
     carry = (state, problem.init_points(key_points))
-    schedule = study._statistic_schedule(tx, state.params)
-    n = schedule[0]
+    n = study._statistic_schedule(balancer)[0]
     # From step 0 (whole blocks, then a tail), then from mid-block (a lead, no whole block, a tail).
     first, second = 2 * n + 5, n + 2
-    seg1 = jax.jit(study.make_segment(problem, schedule, 0, first))
-    seg2 = jax.jit(study.make_segment(problem, schedule, first % n, second))
-    cond_step = training.make_train_step(problem.loss_components, residuals_fn=problem.residuals)
+    seg1 = jax.jit(study.make_segment(problem, balancer, 0, first))
+    seg2 = jax.jit(study.make_segment(problem, balancer, first % n, second))
+    cond_step = training.make_train_step(
+        problem.loss_components, balancer=balancer, residuals_fn=problem.residuals
+    )
 
     @jax.jit
     def reference(c):
@@ -193,7 +201,12 @@ def test_bad_flags_get_a_clear_message(study, argv, message, capsys) -> None:
 
 def test_set_ups_set_the_defaults_and_help_shows_them(study, capsys) -> None:
     args = study.parse_args([])
-    assert (args.setup, args.problems, args.steps, args.groups) == ("demo", ["helmholtz_wang2021"], 8000, "problem")
+    assert (args.setup, args.problems, args.steps, args.groups) == (
+        "demo",
+        ["helmholtz_wang2021"],
+        8000,
+        "problem",
+    )
     assert args.method_names == ["fixed", "lr_annealing"]
     full = study.parse_args(["--setup", "wang2021"])
     assert full.steps == 40_001 and full.method_names == list(study.method_registry())

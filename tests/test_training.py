@@ -75,9 +75,12 @@ def test_pmap_matches_single_device_and_replicas_identical(batch: dict) -> None:
 
 def test_sharded_jit_matches_single_device(batch: dict) -> None:
     single, _ = run_single(mw.initial_state(), batch)
-    mesh = training.data_mesh()
-    step, place = training.make_sharded_train_step(mw.loss_components, mesh)
-    state, global_batch = place(mw.initial_state(), batch)
+    # The sharded-jit recipe of softadapt_jax.training: replicated state, batch split on axis 0.
+    rep, split = training.data_shardings(training.data_mesh())
+    step = jax.jit(
+        training.make_train_step(mw.loss_components), in_shardings=(rep, split), out_shardings=(rep, rep)
+    )
+    state, global_batch = jax.device_put(mw.initial_state(), rep), jax.device_put(batch, split)
     for _ in range(NUM_STEPS):
         state, _ = step(state, global_batch)
     assert len(state.params["Dense_0"]["kernel"].sharding.device_set) == 4
@@ -91,11 +94,12 @@ def test_wrong_length_loss_vector_names_shapes(batch: dict, balancer: str) -> No
     def two_losses(params, b):
         return mw.loss_components(params, b)[:2]
 
-    state = mw.initial_state()
+    state, bal = mw.initial_state(), None
     if balancer == "grad_norm":
-        tx = optax.chain(sj.balance(sj.grad_norm_balancer(num_losses=3)), optax.adam(1e-2))
+        bal = sj.grad_norm_balancer(num_losses=3)
+        tx = optax.chain(sj.balance(bal), optax.adam(1e-2))
         state = training.BalancedTrainState.create(apply_fn=state.apply_fn, params=state.params, tx=tx)
-    step = jax.jit(training.make_train_step(two_losses))
+    step = jax.jit(training.make_train_step(two_losses, balancer=bal))
     with pytest.raises(ValueError, match=r"matching `weights` of shape \(3,\); got losses of shape \(2,\)"):
         step(state, batch)
 
@@ -104,9 +108,6 @@ def test_batch_not_divisible_by_devices(batch: dict) -> None:
     odd = jax.tree.map(lambda a: a[:30], batch)
     with pytest.raises(ValueError, match=r"leading axis 30.*4 devices"):
         training.shard_batch(odd, 4)
-    _step, place = training.make_sharded_train_step(mw.loss_components, training.data_mesh())
-    with pytest.raises(ValueError, match="leading axis 30"):
-        place(mw.initial_state(), odd)
 
 
 def test_batch_leaves_disagree() -> None:

@@ -24,12 +24,11 @@ scheduling every method needs:
 Gradient-statistics methods (learning-rate annealing, gradient-norm and NTK
 weighting) also need a statistic of the per-component gradients, but only on
 the steps that recompute the weights. Their balancer declares the statistic
-(``statistic=...``), the state announces in ``recompute_next`` whether the
-coming step will recompute, and the caller computes the statistic only then
-(:func:`softadapt_jax.statistics.compute_statistic` under ``lax.cond``, or
-in a step chosen on the host by :func:`softadapt_jax.training.jit_train_step`
-from the balancer's static ``schedule``), so every other step keeps a single
-backward pass.
+(``statistic=...``, with its static options on the :class:`Balancer`), the
+state announces in ``recompute_next`` whether the coming step will recompute,
+and the train step computes the statistic only then
+(:func:`softadapt_jax.statistics.compute_statistic` under a ``lax.cond`` on
+``recompute_next``), so every other step keeps a single backward pass.
 
 Step semantics of ``update(losses, state)``, in order: reject non-finite
 losses; add the losses to the accumulator; every ``accumulate`` steps push the
@@ -89,6 +88,30 @@ class BalancerState(NamedTuple):
     recompute_next: jax.Array  # [] bool
 
 
+class Schedule(NamedTuple):
+    """The static schedule of a balancer: when its rule runs (see :func:`make_balancer`)."""
+
+    window: int
+    update_every: int
+    accumulate: int
+    update_first: bool
+
+
+def recompute_due(schedule: Schedule, count: Any, filled: Any, accum_count: Any) -> Any:
+    """Whether the accepted step after a state with these counters applies the rule.
+
+    The one definition of a balancer's schedule: :func:`make_balancer` sets
+    ``recompute_next`` with it, and host code that lays steps out statically
+    calls it on Python ints (then it returns a bool).
+    """
+    window, update_every, accumulate, update_first = schedule
+    # update_first: the first step that pushes an entry (step accumulate - 1) is a recompute
+    # step; a phase of 0 with accumulate > 1 could never coincide with a push.
+    phase = (accumulate - 1) % update_every if update_first else update_every - 1
+    push = accum_count + 1 >= accumulate
+    return push & (filled + 1 >= window) & (count % update_every == phase)
+
+
 class WeightRule(Protocol):
     """A method's weight computation: ``(history, initial, method_state) -> (weights, method_state)``.
 
@@ -118,6 +141,15 @@ class Balancer(NamedTuple):
         tuple of group ids: terms of one group share one weight, computed from
         their summed loss (and, for gradient statistics, from the gradient of
         that sum).
+      statistic_options: static keyword arguments of
+        :func:`softadapt_jax.statistics.compute_statistic` for ``statistic``,
+        as ``(name, value)`` pairs.
+      statistic_at: where a train step evaluates the statistic on a recompute
+        step: ``"updated"`` (at the parameters after that step's update, on
+        the same batch: the original PINN implementations) or ``"current"``
+        (at the step's own parameters, sharing its backward passes).
+      schedule: the static :class:`Schedule` (``None`` for balancers not built
+        by :func:`make_balancer`).
     """
 
     init: Callable[[], BalancerState]
@@ -127,6 +159,9 @@ class Balancer(NamedTuple):
     name: str
     statistic: str | None = None
     groups: tuple[int, ...] | None = None
+    statistic_options: tuple[tuple[str, Any], ...] = ()
+    statistic_at: str = "current"
+    schedule: Schedule | None = None
 
 
 def check_groups(groups: Any, num_losses: int) -> tuple[int, ...] | None:
@@ -160,8 +195,7 @@ def check_groups(groups: Any, num_losses: int) -> tuple[int, ...] | None:
     used = sorted(set(ids))
     if used != list(range(len(used))):
         raise ValueError(
-            f"`groups` must use each of the ids 0..G-1 (G = number of groups) at least once, "
-            f"got ids {used}."
+            f"`groups` must use each of the ids 0..G-1 (G = number of groups) at least once, got ids {used}."
         )
     return ids
 
@@ -259,6 +293,8 @@ def make_balancer(
     statistic: str | None = None,
     groups: Any = None,
     update_first: bool = False,
+    statistic_options: tuple[tuple[str, Any], ...] = (),
+    statistic_at: str = "current",
 ) -> Balancer:
     """Wraps a weight rule with the shared history, scheduling and robustness.
 
@@ -283,8 +319,11 @@ def make_balancer(
         group's summed loss (:func:`group_count`, :func:`group_sum`).
       update_first: recompute at steps 0, n, 2n, ... (0-based, ``n =
         update_every``; jaxpi and the learning-rate-annealing authors'
-        schedule) instead of n-1, 2n-1, ... (the rule runs once ``n`` steps of
+        schedule; with ``accumulate=a``, at steps a-1, a-1+n, ...) instead of
+        n-1, 2n-1, ... (the rule runs once ``n`` steps of
         losses have been seen). Either way only once the window is full.
+      statistic_options, statistic_at: how a train step computes
+        ``statistic`` (see :class:`Balancer`); static.
 
     Returns:
       A :class:`Balancer` whose weights are ``[K]``.
@@ -295,6 +334,7 @@ def make_balancer(
     accumulate = _checks.check_positive_int(accumulate, "accumulate")
     if not isinstance(update_first, bool):
         raise TypeError(f"`update_first` must be a bool, got {update_first!r}.")
+    _checks.check_choice(statistic_at, "statistic_at", ("updated", "current"))
     group_ids = check_groups(groups, k)
     g = group_count(k, group_ids)
     prior = check_setpoint(setpoint, k)
@@ -307,8 +347,7 @@ def make_balancer(
             f"{MAX_HISTORY_BYTES / 2**30:g} GiB. Use a shorter window, or `accumulate=` to average "
             "several steps into one entry."
         )
-    # Accepted steps before this one, modulo update_every, at which the rule runs.
-    phase = 0 if update_first else update_every - 1
+    schedule = Schedule(window, update_every, accumulate, update_first)
 
     def term_weights(w: jax.Array) -> jax.Array:
         w = expand_groups(w.astype(hist_dtype), group_ids)
@@ -320,9 +359,7 @@ def make_balancer(
         return w * jnp.clip(jnp.nan_to_num(prior.astype(hist_dtype), nan=0.0, posinf=big), 0.0, big)
 
     def will_recompute(count: jax.Array, filled: jax.Array, accum_count: jax.Array) -> jax.Array:
-        """Whether the accepted step after a state with these counters applies the rule."""
-        push = accum_count + 1 >= accumulate
-        return push & (jnp.minimum(filled + 1, window) >= window) & (count % update_every == phase)
+        return recompute_due(schedule, count, filled, accum_count)
 
     def init() -> BalancerState:
         zeros, i32 = jnp.zeros((g,), hist_dtype), jnp.zeros((), jnp.int32)
@@ -414,4 +451,7 @@ def make_balancer(
         name=name,
         statistic=statistic,
         groups=group_ids,
+        statistic_options=tuple(statistic_options),
+        statistic_at=statistic_at,
+        schedule=schedule,
     )

@@ -12,9 +12,8 @@ Weights start at 1 each (plain summation) and do not sum to a constant.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -28,34 +27,15 @@ NTK_CONVENTIONS: tuple[str, ...] = ("jaxpi", "physicsnemo")
 STATISTIC_AT: tuple[str, ...] = ("updated", "current")
 
 
-@flax.struct.dataclass
-class GradientWeightingState:
+class GradientWeightingState(NamedTuple):
     """Method state of the gradient-statistics balancers (G = number of weight groups).
 
-    Attributes:
-      ema: ``[G]`` moving average of the weights (before any set-point).
-      statistic: static name of the gradient statistic the method needs.
-      statistic_options: static keyword arguments of
-        :func:`softadapt_jax.statistics.compute_statistic`, as ``(name, value)`` pairs.
-      schedule: static ``(window, update_every, accumulate, update_first)`` of
-        the balancer, from which a host loop predicts the recompute steps
-        without reading the device (:func:`softadapt_jax.training.jit_train_step`);
-        a 3-tuple means ``update_first=False``; ``None``: unknown.
-      groups: static group ids of the K terms (``None``: every term its own
-        group); the train step computes the statistic of each group's summed loss.
-      statistic_at: where the train step evaluates the statistic on a
-        recompute step: ``"updated"``, at the parameters after that step's
-        update and on the same batch (the original implementations), or
-        ``"current"``, at the parameters the step's gradient is taken at
-        (sharing its backward passes for the gradient statistics).
+    The statistic each method needs, its options and where it is evaluated
+    are static settings of the :class:`~softadapt_jax.balancers.Balancer`,
+    which the train step receives (``make_train_step(..., balancer=...)``).
     """
 
-    ema: jax.Array
-    statistic: str = flax.struct.field(pytree_node=False, default="grad_norm")
-    statistic_options: tuple[tuple[str, Any], ...] = flax.struct.field(pytree_node=False, default=())
-    schedule: tuple[Any, ...] | None = flax.struct.field(pytree_node=False, default=None)
-    groups: tuple[int, ...] | None = flax.struct.field(pytree_node=False, default=None)
-    statistic_at: str = flax.struct.field(pytree_node=False, default="current")
+    ema: jax.Array  # [G] float, moving average of the weights (before any set-point)
 
 
 EstimateFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -76,7 +56,7 @@ def _ema_rule(estimate_fn: EstimateFn, keep: float, new: float, fixed: int | Non
         ema = keep * ms.ema + new * est
         if fixed is not None:
             ema = ema.at[fixed].set(1.0)
-        return ema, ms.replace(ema=ema)
+        return ema, ms._replace(ema=ema)
 
     return rule
 
@@ -107,14 +87,7 @@ def _make(
         num_losses=k,
         window=1,
         weights_sum=float(g),
-        init_method_state=GradientWeightingState(
-            ema=jnp.ones((g,), resolve_dtype(dtype)),
-            statistic=statistic,
-            statistic_options=statistic_options,
-            schedule=(1, update_every, 1, update_first),
-            groups=ids,
-            statistic_at=statistic_at,
-        ),
+        init_method_state=GradientWeightingState(ema=jnp.ones((g,), resolve_dtype(dtype))),
         update_every=update_every,
         setpoint=setpoint,
         dtype=dtype,
@@ -122,6 +95,8 @@ def _make(
         statistic=statistic,
         groups=ids,
         update_first=update_first,
+        statistic_options=statistic_options,
+        statistic_at=statistic_at,
     )
 
 
