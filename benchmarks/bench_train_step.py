@@ -179,9 +179,9 @@ def _stat_rows(every: int, suffix: str, path: str = "train_step") -> dict[str, M
             update_every=every,
         ),
         f"grad_norm{suffix}": Method(
-            f"{how}, grad_norm_balancer(update_every={every}) (grad_norm statistic)",
+            f"{how}, inverse_grad_norm_balancer(update_every={every}) (grad_norm statistic)",
             path,
-            balancer=lambda k: sj.grad_norm_balancer(num_losses=k, update_every=every),
+            balancer=lambda k: sj.inverse_grad_norm_balancer(num_losses=k, update_every=every),
             update_every=every,
         ),
         f"ntk{suffix}": Method(
@@ -251,15 +251,15 @@ METHODS: dict[str, Method] = {
     **_stat_rows(1, "_every1"),
     # update_every larger than any run: only the hold step (no statistic) ever runs.
     "grad_norm_hold": Method(
-        "jit(make_train_step), grad_norm_balancer(update_every=10**9): the cond's hold branch only",
+        "jit(make_train_step), inverse_grad_norm_balancer(update_every=10**9): the cond's hold branch only",
         "train_step",
-        balancer=lambda k: sj.grad_norm_balancer(num_losses=k, update_every=10**9),
+        balancer=lambda k: sj.inverse_grad_norm_balancer(num_losses=k, update_every=10**9),
         update_every=10**9,
     ),
     "grad_norm_hold_wrapped": Method(
         "jit(lax.cond(pred, hold, hold)): the hold step in a conditional with two equal branches",
         "wrapped_hold",
-        balancer=lambda k: sj.grad_norm_balancer(num_losses=k, update_every=10**9),
+        balancer=lambda k: sj.inverse_grad_norm_balancer(num_losses=k, update_every=10**9),
         update_every=10**9,
     ),
 }

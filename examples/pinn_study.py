@@ -166,7 +166,7 @@ def method_registry() -> dict[str, BalancerFactory]:
         "rlw": lambda k, g: B.rlw_balancer(num_losses=k, groups=g),
         # The authors' form (every 10 steps from step 0, after the step's update).
         "lr_annealing": lambda k, g: B.lr_annealing_balancer(num_losses=k, groups=g),
-        "grad_norm": lambda k, g: B.grad_norm_balancer(num_losses=k, update_every=100, groups=g),
+        "grad_norm": lambda k, g: B.inverse_grad_norm_balancer(num_losses=k, update_every=100, groups=g),
         "ntk": lambda k, g: B.ntk_balancer(num_losses=k, update_every=100, max_points=256, groups=g),
     }
     return registry

@@ -224,27 +224,41 @@ def find_balancer_states(opt_state: Any) -> list[BalancerState]:
     return [n for n in nodes if isinstance(n, BalancerState)]
 
 
-def get_weights(opt_state: Any) -> jax.Array:
-    """The current weights ``[K]`` of the balancer inside an optimizer state.
+def _weighting_state_types() -> tuple[type, ...]:
+    # Imported here: the gradient-level methods import this module's helpers.
+    from softadapt_jax.gradients.gradnorm import GradNormState
+    from softadapt_jax.gradients.resnorm import ResNormState
 
-    Works through ``optax.chain``, ``optax.named_chain``,
-    ``optax.inject_hyperparams``, ``optax.MultiSteps`` and any other wrapper
-    that keeps inner states as pytree children.
+    return (BalancerState, GradNormState, ResNormState)
+
+
+def get_weights(opt_state: Any) -> jax.Array:
+    """The current weights ``[K]`` of the one weighting method inside an optimizer state.
+
+    Reads any weighting state the library keeps: a balancer's
+    (:class:`BalancerState`), GradNorm's and ResNorm's. Works through
+    ``optax.chain``, ``optax.named_chain``, ``optax.inject_hyperparams``,
+    ``optax.MultiSteps`` and any other wrapper that keeps inner states as
+    pytree children.
 
     Args:
-      opt_state: an optimizer state containing exactly one balancer state.
+      opt_state: an optimizer state containing exactly one weighting state.
 
     Returns:
       The weights ``[K]`` to apply at the next step (a constant: no gradient
       flows through them).
 
     Raises:
-      ValueError: if there is no balancer state, or more than one.
+      ValueError: if there is no weighting state, or more than one.
     """
-    states = find_balancer_states(opt_state)
+    types = _weighting_state_types()
+    nodes = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, types))
+    states = [n for n in nodes if isinstance(n, types)]
     if len(states) != 1:
+        names = sorted({type(n).__name__ for n in states}) or "none"
         raise ValueError(
-            f"get_weights expects exactly one balancer state in `opt_state`, found {len(states)}."
+            "get_weights expects exactly one weighting state (BalancerState, GradNormState or "
+            f"ResNormState) in `opt_state`, found {len(states)} ({names})."
         )
     return jax.lax.stop_gradient(states[0].weights)
 

@@ -14,7 +14,7 @@ import pytest
 import softadapt_jax as sj
 from softadapt_jax import training
 from softadapt_jax.balancers.gradient_weighting import (
-    grad_norm_balancer,
+    inverse_grad_norm_balancer,
     lr_annealing_balancer,
     ntk_balancer,
 )
@@ -248,7 +248,7 @@ def test_lr_annealing_hand_computation(convention: str, mode: str | None) -> Non
         np.testing.assert_allclose(got[i], lam, rtol=1e-6)
 
 
-@pytest.mark.parametrize("factory", [grad_norm_balancer, ntk_balancer])
+@pytest.mark.parametrize("factory", [inverse_grad_norm_balancer, ntk_balancer])
 def test_norm_and_ntk_weighting_hand_computation(factory) -> None:
     rng = np.random.default_rng(1)
     stats = [np.abs(rng.normal(size=3)) + 0.1 for _ in range(7)]
@@ -287,14 +287,14 @@ def test_groups_share_one_weight() -> None:
 
 
 def test_zero_statistic_keeps_previous_average() -> None:
-    bal = grad_norm_balancer(num_losses=2, update_every=1)
+    bal = inverse_grad_norm_balancer(num_losses=2, update_every=1)
     w, _ = bal.update(jnp.ones(2), bal.init(), jnp.array([0.0, 1.0]))
     assert np.all(np.isfinite(w))
     np.testing.assert_allclose(w, [1.0, 0.9 + 0.1 * 0.5])
 
 
 def test_missing_statistic_and_bad_config_errors() -> None:
-    bal = grad_norm_balancer(num_losses=2)
+    bal = inverse_grad_norm_balancer(num_losses=2)
     with pytest.raises(ValueError, match="needs the gradient statistic 'grad_norm'"):
         bal.update(jnp.ones(2), bal.init())
     with pytest.raises(ValueError, match="`mode` must be one of"):
@@ -312,15 +312,15 @@ def test_missing_statistic_and_bad_config_errors() -> None:
     with pytest.raises(ValueError, match=r"`alpha` must be a finite number in \[0, 1\]"):
         lr_annealing_balancer(num_losses=2, alpha=-0.1)
     with pytest.raises(ValueError, match="`statistic_at` must be one of"):
-        grad_norm_balancer(num_losses=2, statistic_at="before")
+        inverse_grad_norm_balancer(num_losses=2, statistic_at="before")
     with pytest.raises(TypeError, match="`update_first` must be a bool"):
-        grad_norm_balancer(num_losses=2, update_first=1)
+        inverse_grad_norm_balancer(num_losses=2, update_first=1)
     with pytest.raises(ValueError, match="`max_points` applies to convention='jaxpi' only"):
         ntk_balancer(num_losses=2, convention="physicsnemo", max_points=8)
     with pytest.raises(ValueError, match="`params_filter` must be one of"):
         lr_annealing_balancer(num_losses=2, params_filter="weights")
     with pytest.raises(TypeError, match="`params_filter` must be one of"):
-        grad_norm_balancer(num_losses=2, params_filter={"w1": True})
+        inverse_grad_norm_balancer(num_losses=2, params_filter={"w1": True})
     with pytest.raises(ValueError, match="needs `residuals_fn"):
         compute_statistic("ntk_trace", loss_components, init_params(), X)
     with pytest.raises(ValueError, match="`kind` must be one of"):
@@ -368,7 +368,7 @@ def backward_passes_per_step(step, state, counter: list[int], steps: int) -> lis
     return calls
 
 
-FACTORIES = [lr_annealing_balancer, grad_norm_balancer, ntk_balancer]
+FACTORIES = [lr_annealing_balancer, inverse_grad_norm_balancer, ntk_balancer]
 
 
 @pytest.mark.parametrize("factory", FACTORIES)
@@ -546,3 +546,29 @@ def test_scale_options_on_tiny_losses_are_not_inert() -> None:
     log = sj.softadapt_weights(hist, 10.0, variant="original", scale="log", stencil="backward")
     np.testing.assert_allclose(raw, 1 / 3, atol=1e-4)
     assert np.argmax(log) == 2 and np.argmin(log) == 1
+
+
+def test_grad_norm_balancer_is_a_deprecated_alias() -> None:
+    with pytest.warns(DeprecationWarning, match="use inverse_grad_norm_balancer"):
+        old = sj.grad_norm_balancer(num_losses=2, update_every=3)
+    new = sj.inverse_grad_norm_balancer(num_losses=2, update_every=3)
+    assert (old.name, old.statistic, old.schedule, old.statistic_options) == (
+        new.name,
+        new.statistic,
+        new.schedule,
+        new.statistic_options,
+    )
+
+
+def test_get_weights_reads_every_weighting_state() -> None:
+    params = {"w": jnp.ones(3)}
+    balancer_tx = optax.chain(sj.balance(sj.softadapt_balancer(num_losses=2)), optax.sgd(0.1))
+    gradnorm_tx = sj.gradnorm(num_losses=2, layer="w")
+    for tx in (balancer_tx, gradnorm_tx):
+        w = sj.get_weights(tx.init(params))
+        assert w.shape == (2,)
+    both = (balancer_tx.init(params), gradnorm_tx.init(params))
+    with pytest.raises(ValueError, match=r"exactly one weighting state.*found 2"):
+        sj.get_weights(both)
+    with pytest.raises(ValueError, match=r"found 0 \(none\)"):
+        sj.get_weights(optax.sgd(0.1).init(params))

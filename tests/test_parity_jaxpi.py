@@ -155,7 +155,7 @@ def per_case(cs: list[dict], keys: tuple[str, ...], field: str, where: str = "ex
 
 def balancers(scheme: str, k: int) -> tuple[sj.Balancer, sj.Balancer]:
     """The default balancer, and the same with momentum 0 (its weights are the raw estimate)."""
-    factory = sj.grad_norm_balancer if scheme == "grad_norm" else sj.ntk_balancer
+    factory = sj.inverse_grad_norm_balancer if scheme == "grad_norm" else sj.ntk_balancer
     return factory(num_losses=k, update_every=10), factory(num_losses=k, update_every=10, momentum=0.0)
 
 
@@ -240,7 +240,7 @@ def test_update_schedule_and_momentum_chain(scheme: str) -> None:
                     c["inputs"]["weights_before_update"]
                     == by_step[step - 10]["expected"]["weights_after_update"]
                 )
-    factory = sj.grad_norm_balancer if scheme == "grad_norm" else sj.ntk_balancer
+    factory = sj.inverse_grad_norm_balancer if scheme == "grad_norm" else sj.ntk_balancer
     balancer = factory(num_losses=2, update_every=10)
 
     def body(state, _):

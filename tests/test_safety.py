@@ -299,6 +299,6 @@ def test_pmap_batch_without_device_axis_names_shard_batch() -> None:
 
 @pytest.mark.parametrize("shape", [(), (3,), (3, 2)])
 def test_statistic_of_the_wrong_shape_names_the_argument(shape) -> None:
-    b = sj.grad_norm_balancer(num_losses=2, update_every=1)
+    b = sj.inverse_grad_norm_balancer(num_losses=2, update_every=1)
     with pytest.raises(ValueError, match=r"`statistics` for the grad_norm balancer must have one row per weight group"):
         b.update(jnp.ones(2), b.init(), jnp.ones(shape))

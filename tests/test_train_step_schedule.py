@@ -21,7 +21,7 @@ def make_state(balancer: sj.Balancer) -> training.BalancedTrainState:
 
 
 def test_forced_steps_have_no_conditional() -> None:
-    bal = sj.grad_norm_balancer(num_losses=3, update_every=4)
+    bal = sj.inverse_grad_norm_balancer(num_losses=3, update_every=4)
     state = make_state(bal)
 
     def primitives(recompute: bool | None) -> set[str]:
@@ -71,13 +71,13 @@ def test_recompute_due_on_host_ints_is_the_balancers_schedule(
 
 
 def test_statistic_balancer_without_balancer_argument_is_an_error() -> None:
-    state = make_state(sj.grad_norm_balancer(num_losses=3))
+    state = make_state(sj.inverse_grad_norm_balancer(num_losses=3))
     with pytest.raises(ValueError, match=r"gradient-statistics balancer.*got no `balancer`"):
         jax.jit(training.make_train_step(loss_components, residuals_fn=residuals))(state, X)
 
 
 def test_balancer_that_matches_no_state_is_an_error() -> None:
-    state = make_state(sj.grad_norm_balancer(num_losses=3))
+    state = make_state(sj.inverse_grad_norm_balancer(num_losses=3))
     other = sj.ntk_balancer(num_losses=2)
     with pytest.raises(ValueError, match=r"must match exactly one balancer state.*found 0"):
         jax.jit(training.make_train_step(loss_components, balancer=other, residuals_fn=residuals))(state, X)

@@ -96,7 +96,7 @@ def test_wrong_length_loss_vector_names_shapes(batch: dict, balancer: str) -> No
 
     state, bal = mw.initial_state(), None
     if balancer == "grad_norm":
-        bal = sj.grad_norm_balancer(num_losses=3)
+        bal = sj.inverse_grad_norm_balancer(num_losses=3)
         tx = optax.chain(sj.balance(bal), optax.adam(1e-2))
         state = training.BalancedTrainState.create(apply_fn=state.apply_fn, params=state.params, tx=tx)
     step = jax.jit(training.make_train_step(two_losses, balancer=bal))

@@ -319,10 +319,10 @@ def test_get_weights_finds_state_through_wrappers():
 
 def test_get_weights_raises_without_or_with_two_balancers():
     params = jnp.zeros(3)
-    with pytest.raises(ValueError, match=r"exactly one balancer state.*found 0"):
+    with pytest.raises(ValueError, match=r"exactly one weighting state.*found 0"):
         get_weights(optax.adam(1e-3).init(params))
     two = optax.chain(softadapt(num_losses=K), softadapt(num_losses=2), optax.sgd(1.0))
-    with pytest.raises(ValueError, match=r"exactly one balancer state.*found 2"):
+    with pytest.raises(ValueError, match=r"exactly one weighting state.*found 2"):
         get_weights(two.init(params))
 
 

@@ -13,6 +13,7 @@ from softadapt_jax.balancers.fixed import fixed_balancer
 from softadapt_jax.balancers.gradient_weighting import (
     GradientWeightingState,
     grad_norm_balancer,
+    inverse_grad_norm_balancer,
     lr_annealing_balancer,
     ntk_balancer,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "dwa_balancer",
     "fixed_balancer",
     "grad_norm_balancer",
+    "inverse_grad_norm_balancer",
     "group_count",
     "group_sum",
     "lr_annealing_balancer",

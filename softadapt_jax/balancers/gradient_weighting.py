@@ -11,6 +11,8 @@ Weights start at 1 each (plain summation) and do not sum to a constant.
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -225,7 +227,7 @@ def lr_annealing_balancer(
     )
 
 
-def grad_norm_balancer(
+def inverse_grad_norm_balancer(
     *,
     num_losses: int,
     momentum: float = 0.9,
@@ -395,3 +397,18 @@ def ntk_balancer(
         dtype=dtype,
         statistic_options=options,
     )
+
+
+def grad_norm_balancer(**kwargs: Any) -> Balancer:
+    """Deprecated name of :func:`inverse_grad_norm_balancer` (jaxpi's ``grad_norm`` weighting).
+
+    Renamed so that it is not confused with GradNorm (Chen et al. 2018,
+    :func:`softadapt_jax.gradients.gradnorm`); this alias goes in 0.3.
+    """
+    warnings.warn(
+        "grad_norm_balancer is deprecated: use inverse_grad_norm_balancer (the same function; "
+        "the new name keeps it apart from GradNorm, softadapt_jax.gradients.gradnorm).",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return inverse_grad_norm_balancer(**kwargs)
