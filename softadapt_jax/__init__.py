@@ -4,7 +4,7 @@ Public names are re-exported here; see README.md for a tour.
 """
 
 # The Flax layers and helper modules, reachable as attributes (``sj.training``, ...) like ``sj.gradients``.
-from softadapt_jax import checkpoints, guard, nnx_training, training
+from softadapt_jax import causal, checkpoints, guard, nnx_training, self_adaptive, training
 from softadapt_jax.balancers import (
     Balancer,
     BalancerState,
@@ -80,6 +80,7 @@ __all__ = [
     "balance",
     "cagrad",
     "cagrad_weights",
+    "causal",
     "checkpoints",
     "compute_statistic",
     "create_rotograd_train_state",
@@ -89,11 +90,11 @@ __all__ = [
     "fixed_balancer",
     "get_weights",
     "grad_norm_balancer",
-    "inverse_grad_norm_balancer",
     "gradnorm",
     "gradnorm_weights",
     "gramian",
     "guard",
+    "inverse_grad_norm_balancer",
     "layer_grad_norms",
     "lr_annealing_balancer",
     "make_balancer",
@@ -112,6 +113,7 @@ __all__ = [
     "rlw_balancer",
     "rotograd_gradients",
     "rotograd_optimizer",
+    "self_adaptive",
     "softadapt",
     "softadapt_balancer",
     "softadapt_weights",

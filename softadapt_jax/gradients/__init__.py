@@ -47,6 +47,15 @@ from softadapt_jax.gradients.per_component import (
     resolve_mask,
     stacked_gramian,
 )
+from softadapt_jax.gradients.resnorm import (
+    ResNormInfo,
+    ResNormState,
+    resnorm,
+    resnorm_init,
+    resnorm_step,
+    resnorm_targets,
+    resnorm_weights,
+)
 
 __all__ = [
     "CAGRAD_RESCALES",
@@ -59,6 +68,8 @@ __all__ = [
     "GradNormInfo",
     "GradNormState",
     "PCGradState",
+    "ResNormInfo",
+    "ResNormState",
     "cagrad",
     "cagrad_coefficients",
     "cagrad_dual_problem",
@@ -81,6 +92,11 @@ __all__ = [
     "per_component_grads",
     "project_simplex",
     "random_orders",
+    "resnorm",
+    "resnorm_init",
+    "resnorm_step",
+    "resnorm_targets",
+    "resnorm_weights",
     "resolve_mask",
     "select_layer",
     "stacked_gramian",
