@@ -11,7 +11,7 @@ gradient norms of every residual term. This script times those computations
 alone (jitted, no optimizer) on four losses:
 
 * ``burgers`` and ``helmholtz``: the library's PINN problems
-  (:mod:`softadapt_jax.problems`, default sizes), whose residual terms have
+  (:mod:`problems` (examples/problems), default sizes), whose residual terms have
   their own forward passes, the PDE term through forward-mode derivatives;
 * ``mlp_per_term`` and ``mlp_shared``: the MLP of ``bench_train_step.py`` with
   one forward pass per term, and with one forward pass over the concatenated
@@ -39,7 +39,9 @@ Interleaved rounds, median per call. Prints markdown and writes nothing.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -47,8 +49,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from softadapt_jax.gradients import per_component_grads
-from softadapt_jax.problems import get_problem
 from softadapt_jax.statistics import compute_statistic
+
+# The PINN problems live with the study, in examples/problems.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from problems import get_problem
 
 try:  # python -m benchmarks.bench_statistics
     from benchmarks import bench_train_step as bts

@@ -13,7 +13,7 @@ the pytree ``(xs, ys)`` of the K slices, and every row computes the losses with
 the same function). ``--residual-layout`` picks how that function computes
 them: ``per_term`` (default) runs one forward pass per term on its own slice,
 as PINN losses are written (a PDE residual and each boundary term on their own
-point sets, as in :mod:`softadapt_jax.problems`); ``shared`` runs one forward
+point sets, as in :mod:`problems` (examples/problems)); ``shared`` runs one forward
 pass over the concatenated slices and splits it into the terms. Every row is
 one jitted train step followed by ``optax.adam(1e-3)``:
 
@@ -315,7 +315,7 @@ def residuals_per_term(params: Any, batch: Batch) -> list[jax.Array]:
 
     One forward pass per term, on that term's own points: how PINN losses are
     written (a PDE residual and boundary terms on their own point sets, as in
-    :mod:`softadapt_jax.problems`).
+    :mod:`problems` (examples/problems)).
     """
     xs, ys = batch
     return _scaled([mlp(params, x) - y for x, y in zip(xs, ys, strict=True)])

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import softadapt_jax as sj
 from softadapt_jax.gradients import cagrad, gradnorm, mgda, pcgrad, per_component_grads
-from softadapt_jax.rotograd import (
+from softadapt_jax.flax.rotograd import (
     RotateOnly,
     RotoGrad,
     RotoGradNorm,

@@ -66,7 +66,7 @@ from tqdm.auto import tqdm
 import softadapt_jax as sj
 from softadapt_jax import training
 from softadapt_jax.balancers.base import recompute_due
-from softadapt_jax.problems import PROBLEM_NAMES, Problem, get_problem
+from problems import PROBLEM_NAMES, Problem, get_problem
 
 BalancerFactory = Callable[[int, "tuple[int, ...] | None"], sj.Balancer]
 

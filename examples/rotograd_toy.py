@@ -42,7 +42,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from softadapt_jax.rotograd import (
+from softadapt_jax.flax.rotograd import (
     RotateOnly,
     RotoGrad,
     create_rotograd_train_state,

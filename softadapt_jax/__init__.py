@@ -3,8 +3,9 @@
 Public names are re-exported here; see README.md for a tour.
 """
 
-# The Flax layers and helper modules, reachable as attributes (``sj.training``, ...) like ``sj.gradients``.
-from softadapt_jax import causal, checkpoints, guard, nnx_training, self_adaptive, training
+# Modules reachable as attributes (``sj.training``, ``sj.flax``, ...) like ``sj.gradients``; ``flax`` is
+# left out of __all__ so that a star import never shadows the flax package.
+from softadapt_jax import causal, flax, guard, self_adaptive, training  # noqa: F401 (flax)
 from softadapt_jax.balancers import (
     Balancer,
     BalancerState,
@@ -22,6 +23,19 @@ from softadapt_jax.balancers import (
     softadapt_balancer,
     uncertainty_balancer,
 )
+from softadapt_jax.flax import checkpoints, rotograd
+from softadapt_jax.flax.rotograd import (
+    RotateOnly,
+    RotoGrad,
+    RotoGradNorm,
+    RotoGradStats,
+    RotoGradTrainState,
+    create_rotograd_train_state,
+    make_rotograd_pmap_train_step,
+    make_rotograd_train_step,
+    rotograd_gradients,
+    rotograd_optimizer,
+)
 from softadapt_jax.gradients import (
     GradNormState,
     PCGradState,
@@ -37,18 +51,6 @@ from softadapt_jax.gradients import (
     pcgrad_weights,
     per_component_grads,
     stacked_gramian,
-)
-from softadapt_jax.rotograd import (
-    RotateOnly,
-    RotoGrad,
-    RotoGradNorm,
-    RotoGradStats,
-    RotoGradTrainState,
-    create_rotograd_train_state,
-    make_rotograd_pmap_train_step,
-    make_rotograd_train_step,
-    rotograd_gradients,
-    rotograd_optimizer,
 )
 from softadapt_jax.slopes import finite_difference_coefficients, rates_of_change
 from softadapt_jax.statistics import compute_statistic
@@ -102,7 +104,6 @@ __all__ = [
     "make_rotograd_train_step",
     "mgda",
     "mgda_weights",
-    "nnx_training",
     "ntk_balancer",
     "pcgrad",
     "pcgrad_weights",
@@ -111,6 +112,7 @@ __all__ = [
     "ratio_softadapt_balancer",
     "relobralo_balancer",
     "rlw_balancer",
+    "rotograd",
     "rotograd_gradients",
     "rotograd_optimizer",
     "self_adaptive",

@@ -174,17 +174,50 @@ def _scaled(history: jax.Array, scale: str, reference: Any) -> jax.Array:
     return history
 
 
-def _relative_divisor(history: jax.Array, reference: Any) -> jax.Array:
-    """``|r_k|`` for ``scale="relative"``: the reference, or the component's mean; 1 where it is 0."""
+def _relative_divisor(history: jax.Array, reference: Any, unit: jax.Array) -> jax.Array:
+    """``|r_k|`` for ``scale="relative"`` times ``unit``: the reference, or the mean; 1 where it is 0.
+
+    The mean is taken of the history times ``unit`` (see :func:`_overflow_unit`), so that the sum
+    of huge losses cannot overflow; an explicit reference is returned unscaled (``unit`` is then
+    applied to the quotient instead, where a tiny reference cannot underflow).
+    """
     if reference is None:
-        ref = jnp.mean(history, axis=0)
+        ref = jnp.mean(history * unit, axis=0)
+        one = unit
     else:
         ref = _checks.as_float_array(reference, "reference").astype(history.dtype)
         if ref.shape != history.shape[1:]:
             raise ValueError(f"`reference` must have shape [K]={history.shape[1:]}, got {tuple(ref.shape)}.")
+        one = 1
     ref = jax.lax.stop_gradient(ref)
     # A zero reference would divide by zero; such a component keeps raw units.
-    return jnp.abs(jnp.where(ref == 0, 1, ref))
+    return jnp.abs(jnp.where(ref == 0, one, ref))
+
+
+def _overflow_unit(values: jax.Array, order: int) -> jax.Array:
+    """``[K]`` powers of two by which to scale each column before its finite difference.
+
+    1 for every column whose values are small enough that neither the weighted sum of the
+    differences (at most ``4 sum_j |c_j|`` times the largest value, with rounding) nor the sum of
+    the column (``T`` values, for the relative scale's mean) can overflow; ``2^-m`` for the
+    others, with ``2^m`` that bound. A power of two scales exactly (but for the subnormals, which
+    are far below the rounding of such a column), so ordinary histories give the same bits as an
+    unscaled difference.
+    """
+    m = math.ceil(math.log2(max(4.0 * _amplification(order), 2.0 * values.shape[0])))
+    big = float(jnp.finfo(values.dtype).max)
+    magnitude = jax.lax.stop_gradient(functools.reduce(jnp.maximum, [jnp.abs(row) for row in values]))
+    return jnp.where(magnitude > big * 2.0**-m, jnp.asarray(2.0**-m, values.dtype), 1).astype(values.dtype)
+
+
+def _unscale(scaled: jax.Array, factor: jax.Array) -> jax.Array:
+    """``scaled * factor``, saturated at the largest finite float (an inf or nan input stays so).
+
+    A slope beyond the float range saturates rather than overflowing to inf, whose product with
+    a temperature of 0 (or with a zero cotangent, in the backward pass) would be nan.
+    """
+    big = jnp.finfo(scaled.dtype).max
+    return jnp.where(jnp.isinf(scaled), scaled, jnp.clip(scaled * factor, -big, big))
 
 
 def rates_of_change(history: Any, accuracy_order: int | None = None, **options: Any) -> jax.Array:
@@ -226,18 +259,24 @@ def rates_of_change(history: Any, accuracy_order: int | None = None, **options: 
     hist = check_history(history)
     order = resolve_accuracy_order(accuracy_order, hist.shape[0], hist.dtype)
     reference = options.get("reference")
-    divisor = _relative_divisor(hist, reference) if scale == "relative" else None
-    hist = _scaled(hist, scale, reference)
+    values = _scaled(hist, scale, reference)
+    # Huge columns are differenced in a scaled form (times a power of two, undone at the end),
+    # so that no intermediate overflows: an overflowing sum is inf or nan, and jit (which fuses
+    # multiply-adds) and eager evaluation overflow differently.
+    unit = _overflow_unit(values, order)
     coeffs = finite_difference_coefficients(order, stencil)
-    window = hist[hist.shape[0] - (order + 1) :]
+    window = values[values.shape[0] - (order + 1) :] * unit
     # The coefficients sum to 0 exactly, so differencing against the last row
     # changes nothing in exact arithmetic, but makes a constant history give
     # exactly 0 although the float coefficients do not sum to 0.
     slopes = weighted_row_sum(window - window[-1], [float(c) for c in coeffs])
+    if scale != "relative":
+        return _unscale(slopes, 1 / unit)
     # Relative slopes divide the raw slopes, not the values: equal values divided
     # apart can differ in the last bit (XLA may contract into FMAs), which a
     # constant history would turn into spurious slopes.
-    return slopes if divisor is None else slopes / divisor
+    divisor = _relative_divisor(hist, reference, unit)
+    return _unscale(slopes / divisor, 1 if reference is None else 1 / unit)
 
 
 def weighted_row_sum(rows: jax.Array, coefficients: list[float]) -> jax.Array:

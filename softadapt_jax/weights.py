@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Literal
 
 import jax
@@ -175,10 +176,40 @@ def _reduce(op: Any, x: jax.Array) -> jax.Array:
     return functools.reduce(op, [x[k] for k in range(x.shape[0])])
 
 
+@jax.custom_jvp
 def _safe_divide(x: jax.Array, d: jax.Array) -> jax.Array:
-    """``x / d``, and 0 where ``d == 0`` (with finite gradients there)."""
+    """``x / d``, saturated at the largest finite float, and 0 where ``d == 0``.
+
+    The derivative is taken in the quotient form ``(dx - q dd) / d``: JAX's own rule for a
+    quotient multiplies by ``d^-2``, which overflows once ``|d|`` is below the square root of the
+    smallest normal float (slopes summing to 1e-38), and its product with a zero cotangent is nan.
+    """
     zero = d == 0
-    return jnp.where(zero, 0.0, x / jnp.where(zero, 1.0, d))
+    big = jnp.finfo(jnp.result_type(x, d)).max
+    return jnp.where(zero, 0.0, jnp.clip(x / jnp.where(zero, 1.0, d), -big, big))
+
+
+@_safe_divide.defjvp
+def _safe_divide_jvp(primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]) -> Any:
+    x, d = primals
+    dx, dd = tangents
+    q = _safe_divide(x, d)
+    zero = d == 0
+    return q, jnp.where(zero, 0.0, (dx - q * dd) / jnp.where(zero, 1.0, d))
+
+
+def _normalize(slopes: jax.Array, l1: bool) -> jax.Array:
+    """``s / sum(s)`` (``s / sum(|s|)`` when ``l1``), 0 where the sum is 0, in a scaled form.
+
+    Slopes so large that their sum could overflow are first scaled by a power of two (the
+    quotient does not change; for other slopes nothing is scaled, so the bits are the same).
+    """
+    k = slopes.shape[0]
+    big = float(jnp.finfo(slopes.dtype).max)
+    unit = 2.0 ** -math.ceil(math.log2(2.0 * k))
+    magnitude = jax.lax.stop_gradient(_reduce(jnp.maximum, jnp.abs(slopes)))
+    slopes = slopes * jnp.where(magnitude > big * unit, unit, 1).astype(slopes.dtype)
+    return _safe_divide(slopes, _reduce(jnp.add, jnp.abs(slopes) if l1 else slopes))
 
 
 def softadapt_weights(
@@ -259,8 +290,7 @@ def _weights(
     )
     prior = None
     if variant == "normalized":
-        denom = _reduce(jnp.add, jnp.abs(slopes) if opts.normalization == "l1" else slopes)
-        slopes = _safe_divide(slopes, denom)
+        slopes = _normalize(slopes, opts.normalization == "l1")
     elif variant == "loss_weighted":
         # Negative means would give negative weights; losses are >= 0 anyway.
         t = hist.shape[0]

@@ -12,10 +12,14 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import functools
 import json
 import pathlib
+import sys
 from typing import Any
 
 import jax
 import pytest
+
+# The PINN problems live with the study (examples/problems); the tests import them as `problems`.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 
 REFERENCE_PATH = pathlib.Path(__file__).parent / "data" / "softadapt_reference_public.json"
 

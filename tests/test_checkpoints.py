@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import softadapt_jax as sj
-from softadapt_jax.checkpoints import CheckpointError, restore_checkpoint, save_checkpoint
+from softadapt_jax.flax.checkpoints import CheckpointError, restore_checkpoint, save_checkpoint
 
 
 def state_of(num_losses: int = 3, window: int = 4, shape: tuple[int, ...] = (5,), balancer=None):

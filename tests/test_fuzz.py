@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, example, given, seed, settings
 from hypothesis import strategies as st
 
 import softadapt_jax as sj
-from softadapt_jax.nnx_training import make_nnx_train_step
+from softadapt_jax.flax.nnx import make_nnx_train_step
 
 FUZZ_SETTINGS = settings(
     max_examples=20,
@@ -345,13 +345,10 @@ def jitted_gradients() -> Callable[..., dict[tuple[str, str], Any]]:
     return jax.jit(grads)
 
 
-def weight_cases(xfail: dict[str, str] | None = None) -> list[Any]:
-    """Every variant x scale (default eps), and loss_weighted with eps=0; ``xfail`` maps ids to reasons."""
-    xfail = xfail or {}
-    ids = [f"{v}-{s}" + ("-eps0" if e == 0.0 else "") for v, s, e in WEIGHT_CONFIGS]
+def weight_cases() -> list[Any]:
+    """Every variant x scale (default eps), and loss_weighted with eps=0."""
     return [
-        pytest.param(*c, id=i, marks=[pytest.mark.xfail(strict=True, reason=xfail[i])] if i in xfail else [])
-        for c, i in zip(WEIGHT_CONFIGS, ids, strict=True)
+        pytest.param(v, s, e, id=f"{v}-{s}" + ("-eps0" if e == 0.0 else "")) for v, s, e in WEIGHT_CONFIGS
     ]
 
 
@@ -438,8 +435,10 @@ def assert_finite_gradients(
     assert np.isfinite(grad_beta), grad_beta
 
 
-# Minimal failing inputs found by this suite (hypothesis' shrunk examples); as explicit examples
-# they make the xfailed cases fail at once instead of searching and shrinking anew each run.
+# Minimal failing inputs this suite found (hypothesis' shrunk examples) for defects since fixed:
+# slopes of huge finite losses that overflowed (jit and eager differently, gradients nan), and a
+# normalized slope sum of 1e-38 whose square underflowed in the backward pass. Kept as explicit
+# examples, so that every run tries them first.
 _X1, _X2, _X3 = np.float32(1.1342746e38), np.float32(1.6333554e38), np.float32(2.0**126)
 OVERFLOWING_HISTORY = np.array(
     [[0, 0, _X1], [_X1, _X1, _X1], [_X1, _X1, _X1], [_X1, _X1, _X1], [0, _X1, _X1]], np.float32
@@ -448,26 +447,6 @@ OVERFLOWING_SLOPE = np.array([[0, _X2, _X2]] + [[_X2, _X2, _X2]] * 4, np.float32
 OVERFLOWING_RELATIVE = np.array([[_X3] * 3, [_X3] * 3, [_X3, _X3, 0], [_X3] * 3, [_X3, _X3, 0]], np.float32)
 TINY_SLOPE_SUM = np.array([[0, F32_TINY, F32_TINY]] + [[F32_TINY] * 3] * 4, np.float32)
 NO_COTANGENT = np.zeros(NUM_LOSSES, np.float32)
-
-SLOPE_OVERFLOW = (
-    "issue 15 item 3 (overflow-safe arithmetic): float32 slopes of finite losses above about 3e37 "
-    "overflow (the coefficient-weighted sum, the relative scale's column mean), so a slope is inf or "
-    "nan, nan is read as 0, jit and eager overflow differently, and the gradients are nan"
-)
-# The cases whose jitted and eager weights differ on the overflowing examples below.
-JIT_DIVERGES = (
-    "original-none",
-    "loss_weighted-none",
-    "loss_weighted-none-eps0",
-    "original-relative",
-    "normalized-relative",
-    "loss_weighted-relative",
-    "loss_weighted-relative-eps0",
-)
-NORMALIZED_TINY_SUM = (
-    "issue 15, 'NaN where the docs promise otherwise': the normalized variant's gradient is nan when "
-    "the slopes sum to about 1e-38 (the backward of s / sum(s) squares the sum, which underflows)"
-)
 
 
 @pytest.mark.parametrize(("variant", "scale", "eps"), weight_cases())
@@ -487,10 +466,7 @@ def test_weights_under_jit_match_eager_below_overflow(
     assert_jit_matches_eager(history, beta, variant, scale, eps)
 
 
-@pytest.mark.parametrize(
-    ("variant", "scale", "eps"),
-    weight_cases({name: SLOPE_OVERFLOW for name in JIT_DIVERGES}),
-)
+@pytest.mark.parametrize(("variant", "scale", "eps"), weight_cases())
 @EAGER_SETTINGS
 @example(history=OVERFLOWING_HISTORY, beta=0.1)
 @example(history=OVERFLOWING_RELATIVE, beta=0.1)
@@ -499,19 +475,10 @@ def test_weights_under_jit_match_eager(variant: str, scale: str, eps: float, his
     assert_jit_matches_eager(history, beta, variant, scale, eps)
 
 
-def gradient_cases(xfail: dict[str, str]) -> list[Any]:
-    return [
-        pytest.param(
-            v,
-            s,
-            id=f"{v}-{s}",
-            marks=[pytest.mark.xfail(strict=True, reason=xfail[f"{v}-{s}"])] if f"{v}-{s}" in xfail else [],
-        )
-        for v, s in GRADIENT_CONFIGS
-    ]
+GRADIENT_CASES = [pytest.param(v, s, id=f"{v}-{s}") for v, s in GRADIENT_CONFIGS]
 
 
-@pytest.mark.parametrize(("variant", "scale"), gradient_cases({"normalized-relative": NORMALIZED_TINY_SUM}))
+@pytest.mark.parametrize(("variant", "scale"), GRADIENT_CASES)
 @FUZZ_SETTINGS
 @example(history=TINY_SLOPE_SUM, beta=0.0, cotangent=NO_COTANGENT)
 @given(
@@ -523,10 +490,7 @@ def test_weights_have_finite_gradients_below_overflow(variant, scale, history, b
     assert_finite_gradients(history, beta, cotangent, variant, scale)
 
 
-@pytest.mark.parametrize(
-    ("variant", "scale"),
-    gradient_cases({"normalized-relative": SLOPE_OVERFLOW, "loss_weighted-none": SLOPE_OVERFLOW}),
-)
+@pytest.mark.parametrize(("variant", "scale"), GRADIENT_CASES)
 @FUZZ_SETTINGS
 @example(history=OVERFLOWING_SLOPE, beta=0.0, cotangent=NO_COTANGENT)
 @given(history=finite_histories(), beta=st.floats(-10.0, 10.0, width=32), cotangent=cotangents)
@@ -624,7 +588,8 @@ def quadratic_losses(params: dict[str, jax.Array], poison: jax.Array) -> jax.Arr
     return jnp.sum((params["w"][None] - TARGETS) ** 2, axis=1) * poison
 
 
-# The documented optax-only recipe (softadapt_jax.guard): apply_if_finite outermost, so that a step
+# The documented optax-only recipe (softadapt_jax.guard): sj.guard.apply_if_finite outermost (optax's
+# own cannot trace around per_component=True, whose output is not shaped like its input), so that a step
 # with a non-finite gradient leaves the parameters, Adam's moments and the balancer's state as they were.
 OPTAX_TRANSFORMS: dict[str, tuple[Callable[[], Any], bool]] = {
     "softadapt": (lambda: sj.softadapt(0.1, num_losses=TRAIN_LOSSES, window=3), False),
@@ -634,18 +599,13 @@ OPTAX_TRANSFORMS: dict[str, tuple[Callable[[], Any], bool]] = {
         True,
     ),
 }
-APPLY_IF_FINITE_PER_COMPONENT = (
-    "issue 15 item 1 (the documented apply_if_finite recipe): with per_component=True the inner chain "
-    "maps stacked [K, ...] updates to the parameters' shape, and apply_if_finite's skip branch returns "
-    "zeros of the stacked shape, so the step does not trace (cond branches differ in shape)"
-)
 
 
 @functools.cache
 def jitted_optax_run(name: str) -> Callable[[np.ndarray], tuple[Any, ...]]:
     """One transform in ``apply_if_finite(chain(transform, adam))``, a hand-written step, scanned."""
     make, per_component = OPTAX_TRANSFORMS[name]
-    tx = optax.apply_if_finite(optax.chain(make(), optax.adam(1e-1)), max_consecutive_errors=10**9)
+    tx = sj.guard.apply_if_finite(optax.chain(make(), optax.adam(1e-1)))
 
     def step(carry: tuple[Any, Any], poison: jax.Array) -> tuple[tuple[Any, Any], tuple[Any, ...]]:
         params, opt_state = carry
@@ -683,12 +643,7 @@ def assert_guarded_run(after: np.ndarray, before: np.ndarray, bad: np.ndarray) -
 
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(
-            n, marks=[pytest.mark.xfail(strict=True, reason=APPLY_IF_FINITE_PER_COMPONENT)] if pc else []
-        )
-        for n, (_, pc) in OPTAX_TRANSFORMS.items()
-    ],
+    list(OPTAX_TRANSFORMS),
 )
 @FUZZ_SETTINGS
 @example(poison=np.ones((TRAIN_STEPS, TRAIN_LOSSES), np.float32))  # the per-component case fails on any
@@ -826,10 +781,16 @@ GRAMIAN_RULES: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 @functools.cache
 def jitted_gramian_rules() -> Callable[[np.ndarray], tuple[jax.Array, dict[str, jax.Array]]]:
-    """The library's Gramian of the stacked gradients, and every weight rule on it (one jitted function)."""
+    """The library's Gramian of the stacked gradients, and every weight rule on it (one jitted function).
+
+    The scaled Gramian (``scaled=True``), as the combiners use it: the plain one of gradients whose
+    largest entry is in ``[2**-33, 2**32)``, bit for bit, and outside that range the Gramian of the
+    gradients brought into it, so that it neither overflows nor underflows to 0 (where no rule
+    could tell zero gradients from tiny ones).
+    """
 
     def rules(grads: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        gram = sj.stacked_gramian({"w": grads})
+        gram, _ = sj.stacked_gramian({"w": grads}, scaled=True)
         return gram, {name: rule(gram) for name, rule in GRAMIAN_RULES.items()}
 
     return jax.jit(rules)
@@ -880,39 +841,16 @@ def assert_rule_valid(name: str, coefficients: np.ndarray, grads: np.ndarray) ->
         assert_min_norm(c @ grads.astype(np.float64), grads)
 
 
-# Minimal failing inputs found by this suite (explicit examples, as above).
+# Minimal failing inputs this suite found for defects since fixed (explicit examples, as above): LibMTL's
+# MGDA left the simplex on a Gramian of 1e10 * I in float32 (its projection rounded the unit sum away),
+# the Gramian of gradients below 1e-19 underflowed to 0 (exact MGDA returned uniform weights), and the
+# floor of the l2 normalisers squared to a subnormal flushed to 0 (0/0 for a zero gradient).
 MODERATE_GRADIENTS = np.eye(GRAD_K, GRAD_P, dtype=np.float32) * np.float32(1e5)  # Gramian 1e10 * I
 TINY_GRADIENTS = np.array([[0, 0, 0, 0], [0, 0, 0, 0], [1e-30] * 4], np.float32)
 ZERO_ROW_GRADIENTS = np.array([[0, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], np.float32)
-MGDA_LIBMTL_SIMPLEX = (
-    "issue 15 item 12 (Gramians in a scaled form): in float32, mgda_weights(convention='libmtl') leaves "
-    "the simplex once the Gramian's entries reach about 1e10 (gradient norms of 1e5): its simplex "
-    "projection loses the unit sum, e.g. weights [5e-4, 5e-4, 0] for the Gramian 1e10 * I"
-)
-GRAMIAN_UNDERFLOW = (
-    "issue 15 item 12 (Gramians in a scaled form): squared norms below the float32 range (gradient "
-    "norms under about 1e-19) make the Gramian 0, and exact MGDA returns uniform weights instead of "
-    "the minimum-norm point (weight on the zero gradients)"
-)
-MGDA_L2_ZERO_ROW = (
-    "issue 15, 'NaN where the docs promise otherwise': mgda(normalization='l2') floors the norms at "
-    "1e-20, whose square (1e-40, subnormal) is flushed to 0 in float32 on CPU, so one zero gradient "
-    "makes the update nan although the docstring says 0/0 reads as 0"
-)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            n,
-            marks=[pytest.mark.xfail(strict=True, reason=r)]
-            if (r := {"mgda-libmtl": MGDA_LIBMTL_SIMPLEX, "mgda-exact": GRAMIAN_UNDERFLOW}.get(n))
-            else [],
-        )
-        for n in GRAMIAN_RULES
-    ],
-)
+@pytest.mark.parametrize("name", GRAMIAN_RULES)
 @FUZZ_SETTINGS
 @example(grads=MODERATE_GRADIENTS)
 @example(grads=TINY_GRADIENTS)
@@ -960,18 +898,7 @@ def assert_direction_valid(name: str, direction: np.ndarray, grads: np.ndarray) 
 HUGE_GRADIENTS = np.array([[1e20, 0, 0, 0], [0, 1e20, 0, 0], [0, 0, 1e20, 0]], np.float32)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            n,
-            marks=[pytest.mark.xfail(strict=True, reason=r)]
-            if (r := {"mgda-exact": GRAMIAN_UNDERFLOW, "mgda-l2": MGDA_L2_ZERO_ROW}.get(n))
-            else [],
-        )
-        for n in COMBINERS
-    ],
-)
+@pytest.mark.parametrize("name", COMBINERS)
 @FUZZ_SETTINGS
 @example(grads=HUGE_GRADIENTS)
 @example(grads=TINY_GRADIENTS)
@@ -1049,7 +976,9 @@ def jitted_gradnorm() -> Callable[..., dict[str, tuple[Any, ...]]]:
     return jax.jit(lambda g, losses: {c: run_one(c, g, losses) for c in GRADNORM_CONVENTIONS})
 
 
-# Minimal failing inputs found by this suite (explicit examples, as above).
+# Minimal failing inputs this suite found for defects since fixed (explicit examples, as above): a loss
+# whose ratio to L(0) overflowed made the weights nan for good; gradient norms of 2e19 overflowed Adam's
+# second moment.
 RATIO_OVERFLOW_STREAM = (
     np.zeros((GRADNORM_STEPS, GRAD_K, GRAD_P), np.float32),
     np.where(
@@ -1060,20 +989,9 @@ HUGE_NORM_STREAM = (
     np.full((GRADNORM_STEPS, GRAD_K, GRAD_P), 1e19, np.float32),
     np.zeros((GRADNORM_STEPS, GRAD_K), np.float32),
 )
-GRADNORM_OVERFLOW = (
-    "issue 15 items 3 and 9 (overflow-safe arithmetic; GradNorm nan for good): finite losses whose ratio "
-    "to L(0) overflows (1e20 after 1.2e-38) make the weights nan for good; gradient norms of 2e19 "
-    "overflow Adam's second moment (inf in the state, the weights frozen, as item 4 for uncertainty)"
-)
 
 
-@pytest.mark.parametrize(
-    "convention",
-    [
-        pytest.param(c, marks=[pytest.mark.xfail(strict=True, reason=GRADNORM_OVERFLOW)])
-        for c in GRADNORM_CONVENTIONS
-    ],
-)
+@pytest.mark.parametrize("convention", GRADNORM_CONVENTIONS)
 @FUZZ_SETTINGS
 @example(stream=RATIO_OVERFLOW_STREAM)
 @example(stream=HUGE_NORM_STREAM)

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 import pytest
 
+from softadapt_jax import balance, lr_annealing_balancer
 from softadapt_jax.gradients import (
     CONVENTIONS,
     MGDA_CONVENTIONS,
@@ -42,6 +43,7 @@ from softadapt_jax.gradients import (
 )
 from softadapt_jax.gradients.gradnorm import GRADNORM_CONVENTIONS
 from softadapt_jax.gradients.per_component import combine_leaves, overflow_exponent
+from softadapt_jax.training import BalancedTrainState, make_train_step
 
 K = 3
 RNG = np.random.default_rng(15)
@@ -339,3 +341,30 @@ def test_gramian_scaled_methods_agree_and_validate() -> None:
         gramian(f, scaled=1)
     with pytest.raises(ValueError, match="`scaled` must be a bool"):
         stacked_gramian(BASE, scaled="yes")
+
+
+# --- learning-rate annealing with a set-point ----------------------------------------------------
+
+
+@pytest.mark.parametrize("convention", ["wang2021", "physicsnemo"])
+def test_lr_annealing_with_a_setpoint_is_finite_beyond_gramian_overflow(convention: str) -> None:
+    """Issue 15 item 12: gradient norms beyond 1.8e19 (squares beyond float32) leave the weights
+    finite and as at ordinary scale (the estimate is a ratio of gradient statistics; PhysicsNeMo's
+    eps of 1e-8 is below float32 rounding next to a mean gradient of 1)."""
+    a = jnp.asarray([[1.0, 2.0, 0.5], [0.3, -1.0, 2.0]], jnp.float32)
+    bal = lr_annealing_balancer(
+        num_losses=2, convention=convention, setpoint=[1.0, 2.0], update_every=1, params_filter="all"
+    )
+    step = make_train_step(lambda p, scale: (a @ p["w"]) * scale, balancer=bal)
+    tx = optax.chain(balance(bal), optax.sgd(0.0))
+
+    def run(scale: jax.Array) -> jax.Array:
+        state = BalancedTrainState.create(apply_fn=None, params={"w": jnp.ones(3, jnp.float32)}, tx=tx)
+        state, _ = jax.lax.scan(lambda s, _: (step(s, scale)[0], None), state, None, length=3)
+        return state.weights
+
+    scales = jnp.asarray([1.0, 1e19, 1e20, 1e30, 1e37], jnp.float32)
+    weights = jax.jit(jax.vmap(run))(scales)
+    _assert_finite(weights)
+    assert np.all(np.asarray(weights) > 0)
+    np.testing.assert_allclose(weights, np.broadcast_to(weights[0], weights.shape), rtol=1e-6)

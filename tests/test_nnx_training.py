@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import softadapt_jax as sj
-from softadapt_jax.nnx_training import make_nnx_train_step
+from softadapt_jax.flax.nnx import make_nnx_train_step
 
 K = 2
 
@@ -133,5 +133,5 @@ def test_without_guard_a_nan_step_poisons_the_parameters() -> None:
 def test_optimizer_without_balancer_raises() -> None:
     model = Net(nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
-    with pytest.raises(ValueError, match="exactly one balancer state"):
+    with pytest.raises(ValueError, match="exactly one weighting state"):
         make_nnx_train_step(loss_components)(model, optimizer, batch(0))

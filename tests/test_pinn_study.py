@@ -18,7 +18,7 @@ import pytest
 
 import softadapt_jax as sj
 from softadapt_jax import training
-from softadapt_jax.problems import get_problem
+from problems import get_problem
 from softadapt_jax.statistics import statistic_shape
 
 STUDY_PATH = Path(__file__).parents[1] / "examples" / "pinn_study.py"

@@ -9,7 +9,7 @@ import optax
 import pytest
 from scipy import integrate
 
-from softadapt_jax.problems import (
+from problems import (
     PROBLEM_NAMES,
     WANG2021_TRAINING,
     PointStream,
@@ -29,7 +29,7 @@ from softadapt_jax.problems import (
     wave_residual,
     wave_velocity,
 )
-from softadapt_jax.problems.burgers import NU
+from problems.burgers import NU
 
 HELMHOLTZ_COMPONENTS = ("residual", "left", "right", "bottom", "top")
 EXPECTED_COMPONENTS = {

@@ -13,7 +13,7 @@ import optax
 import pytest
 import scipy.linalg
 
-from softadapt_jax.rotograd import (
+from softadapt_jax.flax.rotograd import (
     RotateOnly,
     RotoGrad,
     RotoGradNorm,

@@ -36,15 +36,18 @@ Common options:
 Large gradients: the transforms form the Gramian of the gradients scaled by
 a power of two, ``2**-e``, and the update from the scaled gradients,
 multiplied back by ``2**e`` (``stacked_gramian(..., scaled=True)``). ``e = 0``
-unless a shared entry reaches ``2**32`` (float32; ``2**256`` in float64), and
-a power of two changes no rounding, so below that bound everything is the
-plain computation, bit for bit. Above it the weight rules see the gradients
-scaled down to just below the bound: their scale-invariant parts are
-unaffected, and their absolute constants (LibMTL's 1e-8 guards and MGDA step
-thresholds, torchjd's trace threshold) act on that scale, where they are
-negligible next to the largest gradient. Guaranteed: finite updates for finite
-gradients wherever the update is representable (the one exception is noted
-under :func:`mgda`'s ``"loss"``); components whose norm is below about
+unless the largest shared entry reaches ``2**32`` or is below ``2**-33``
+(float32; ``2**256`` and ``2**-257`` in float64), and a power of two changes
+no rounding, so in that range everything is the plain computation, bit for
+bit. Outside it the weight rules see the gradients scaled to just inside it:
+their scale-invariant parts are unaffected, and their absolute constants
+(LibMTL's 1e-8 guards and MGDA step thresholds, torchjd's trace threshold)
+act on that scale: above the range they are negligible next to the largest
+gradient; below it they weigh as on gradients at its lower end (tiny
+gradients are scaled up so that their Gramian does not underflow to 0, which
+would make every rule see zero gradients). Guaranteed: finite updates for
+finite gradients wherever the update is representable (the one exception is
+noted under :func:`mgda`'s ``"loss"``); components whose norm is below about
 ``2**-94`` times the largest entry (in float32) then count as zero gradients,
 their squared norms underflowing.
 
@@ -270,7 +273,7 @@ def mgda(
         if normalization == "none":
             return mgda_weights(gram, convention=convention, max_iters=max_iters, tol=tol), state
         n = mgda_normalizers(gram, normalization, losses)
-        normalized = gram / (n[:, None] * n[None, :])
+        normalized = _divide_gramian(gram, n)
         w = mgda_weights(normalized, convention=convention, max_iters=max_iters, tol=tol)
         return (w / n if combine == "normalized" else w), state
 
@@ -527,7 +530,9 @@ def mgda_normalizers(gram: jax.Array, normalization: str, losses: jax.Array | No
     if normalization != "l2" and losses is None:
         raise ValueError(f"normalization={normalization!r} needs `losses`.")
     floor = jnp.asarray(_NORM_FLOOR, gram.dtype)
-    norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), floor * floor))
+    # Floored after the square root: the square of the floor (1e-40) is subnormal, which XLA on
+    # CPU flushes to 0 in float32, and a zero norm would make 0/0 of a zero gradient.
+    norms = jnp.maximum(jnp.sqrt(jnp.maximum(jnp.diag(gram), 0.0)), floor)
     if normalization == "l2":
         return norms
     n = jnp.asarray(losses, gram.dtype)
@@ -551,7 +556,14 @@ def normalize_gramian(gram: jax.Array, normalization: str, losses: jax.Array | N
     if normalization == "none":
         return gram
     n = mgda_normalizers(gram, normalization, losses)
-    return gram / (n[:, None] * n[None, :])
+    return _divide_gramian(gram, n)
+
+
+def _divide_gramian(gram: jax.Array, n: jax.Array) -> jax.Array:
+    # G_ij / (n_i n_j), and 0 where the product of two floored normalisers (1e-40) is flushed to
+    # 0: there |G_ij| <= n_i n_j is flushed too, and 0/0 would be nan.
+    den = n[:, None] * n[None, :]
+    return jnp.where(den > 0, gram / jnp.where(den > 0, den, 1.0), 0.0)
 
 
 def mgda_weights(
@@ -622,6 +634,11 @@ def _libmtl_pair(v11: jax.Array, v12: jax.Array, v22: jax.Array) -> tuple[jax.Ar
 def _libmtl_simplex_projection(y: jax.Array) -> jax.Array:
     # LibMTL's _projection2simplex: the threshold is the first partial mean (of the sorted
     # values, minus 1) that exceeds the next value, else the mean of all of them.
+    # The projection commutes with adding a constant to every entry. Far outside the simplex
+    # (a step of LibMTL's on a Gramian of large entries leaves it by about those entries) the
+    # largest entry is subtracted first: otherwise `partial sum - 1` rounds the 1 away and the
+    # result leaves the simplex. Iterates near the simplex are projected as LibMTL does.
+    y = jnp.where(jnp.max(y) > 2.0, y - jax.lax.stop_gradient(jnp.max(y)), y)
     m = y.shape[0]
     s = jnp.sort(y)[::-1]
     tmax = (jnp.cumsum(s)[:-1] - 1.0) / jnp.arange(1, m, dtype=y.dtype)

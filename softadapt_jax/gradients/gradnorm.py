@@ -410,14 +410,43 @@ def _check_float(value: Any, name: str, *, minimum: float) -> float:
 def gradnorm_targets(
     weights: jax.Array, losses: jax.Array, norms: jax.Array, initial_losses: jax.Array, alpha: float
 ) -> jax.Array:
-    """``mean(w n) * r_k^alpha``: GradNorm's target norms (a constant for the weight update)."""
-    ratio = losses / jnp.where(initial_losses != 0, initial_losses, 1.0)
+    """``mean(w n) * r_k^alpha``: GradNorm's target norms (a constant for the weight update).
+
+    ``r_k = (L_k / L_k(0)) / mean_j(L_j / L_j(0))``, the relative inverse training rate. Where
+    the mean ratio is not finite in floating point (a loss of 1e20 after an ``L(0)`` of 1e-38
+    overflows), or is 0 although a loss is not (every ratio below the float range), ``r`` is
+    taken in a scaled form instead (:func:`_relative_rates`): it is at most K for non-negative
+    losses, so representable whatever the ratios. Elsewhere it is the plain quotient.
+    """
+    l0 = jnp.where(initial_losses != 0, initial_losses, 1.0)
+    ratio = losses / l0
     mean = jnp.mean(ratio)
     rel = ratio / jnp.where(mean != 0, mean, 1.0)
+    plain = jnp.isfinite(mean) & ((mean != 0) | jnp.all(losses == 0))
+    rel = jnp.where(plain, rel, _relative_rates(losses, l0))
     # A loss that went below zero has no meaningful rate; clamp so that r^alpha stays real.
     rel = jnp.maximum(rel, 0.0)
     g_avg = jnp.mean(weights * norms)
     return jax.lax.stop_gradient(g_avg * rel**alpha)
+
+
+def _relative_rates(losses: jax.Array, l0: jax.Array) -> jax.Array:
+    """``ratio / mean(ratio)`` with ``ratio = losses / l0``, formed without overflow.
+
+    Each ratio is split into the quotient of the mantissas (``frexp``, in (1/4, 2)) times
+    ``2^E_k``; every ratio is then scaled by ``2^-max(E)``, a power of two that the result does
+    not depend on, so no sum or quotient overflows (ratios more than about ``2^149`` below the
+    largest become 0, as their share of the mean rounds away).
+    """
+    ml, el = jnp.frexp(losses)
+    m0, e0 = jnp.frexp(l0)
+    q = ml / m0
+    nonzero = q != 0
+    exponent = el - e0
+    top = jnp.max(jnp.where(nonzero, exponent, jnp.iinfo(exponent.dtype).min))
+    scaled = jnp.where(nonzero, jnp.ldexp(q, jnp.where(nonzero, exponent - top, 0)), 0.0)
+    mean = jnp.mean(scaled)
+    return scaled / jnp.where(mean != 0, mean, 1.0)
 
 
 def _weight_map(convention: str, k: int) -> Callable[[jax.Array], jax.Array]:

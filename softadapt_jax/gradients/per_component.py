@@ -33,11 +33,13 @@ Overflow: the Gramian squares the gradients, so in float32 it overflows once
 a gradient's norm passes about 1.8e19. With ``scaled=True``, :func:`gramian`
 and :func:`stacked_gramian` return ``(G_hat, e)``: the Gramian of the
 gradients multiplied by ``2**-e``, ``G = 4**e G_hat``, where ``e = 0`` while
-every gradient entry is below ``2**(maxexp / 4)`` (``2**32`` in float32,
-``2**256`` in float64) and otherwise brings the largest entry just below that
-bound (:func:`overflow_exponent`). A power of two changes no rounding, so for
-gradients below the bound the result is the plain Gramian bit for bit. The
-combiners always work on this form.
+the largest gradient entry is in ``[2**-(maxexp/4 + 1), 2**(maxexp / 4))``
+(``[2**-33, 2**32)`` in float32, ``[2**-257, 2**256)`` in float64) and
+otherwise brings it just inside that range (:func:`gram_exponent`): down
+from above, so that the Gramian cannot overflow, and up from below, so that
+it does not underflow to 0 (in float32 gradient norms below about 1e-19).
+A power of two changes no rounding, so for gradients in the range the result
+is the plain Gramian bit for bit. The combiners always work on this form.
 
 Masks follow optax: a pytree of Python bools with the structure of the
 parameters (or a prefix of it), or a callable returning one. ``True`` marks a
@@ -217,7 +219,7 @@ def gramian(
         if scaled:
             # A first pass for the largest entry of any g_j; only K scalars are kept.
             peak = jax.lax.map(lambda e: max_abs(f_vjp(e)[0], dtype), eye)
-            exponent = overflow_exponent(jnp.max(peak), dtype)
+            exponent = gram_exponent(jnp.max(peak), dtype)
         else:
             exponent = jnp.zeros((), jnp.int32)
         # G_hat = (2^-e J)(2^-e J)^T: the cotangent and the tangent each carry one factor 2^-e
@@ -247,7 +249,7 @@ def stacked_gramian(grads: Any, *, mask: Mask = None, params: Any = None, scaled
         callable mask is called on ``params`` if given, else on ``grads``.
       params: optional, only to evaluate a callable mask.
       scaled: return ``(G_hat, e)``, the Gramian of ``2**-e g`` and the
-        int32 exponent ``e >= 0`` (:func:`overflow_exponent`), instead of
+        int32 exponent ``e`` (:func:`gram_exponent`; negative for tiny gradients), instead of
         ``G = 4**e G_hat``.
 
     Returns:
@@ -397,6 +399,23 @@ def overflow_exponent(peak: jax.Array, dtype: Any) -> jax.Array:
     return jnp.where(jnp.isfinite(peak), jnp.maximum(e - bound, 0), 0).astype(jnp.int32)
 
 
+def gram_exponent(peak: jax.Array, dtype: Any) -> jax.Array:
+    """The int32 exponent ``e`` of the scaled Gramian: gradients are multiplied by ``2**-e``.
+
+    :func:`overflow_exponent` for large gradients, and ``e < 0`` for small ones: below
+    ``2**-(maxexp // 4 + 1)`` (``2**-33`` in float32) the largest entry is brought up into
+    ``[2**-(maxexp//4 + 1), 2**-(maxexp//4))``, where its square is still a normal float, so the
+    weight rules see a Gramian that has not underflowed (in float32 an unscaled one is 0 once the
+    gradient norms fall below about 1e-19). ``e = 0`` in between, so ordinary gradients are left
+    as they are. Elementwise; a zero or non-finite peak gives 0.
+    """
+    peak = jnp.asarray(peak, dtype)
+    _, e = jnp.frexp(peak)
+    bound = int(jnp.finfo(dtype).maxexp) // 4
+    small = jnp.isfinite(peak) & (peak > 0)
+    return jnp.where(small, jnp.minimum(e + bound, 0), 0).astype(jnp.int32) + overflow_exponent(peak, dtype)
+
+
 def power_of_two(exponent: jax.Array, dtype: Any) -> jax.Array:
     """``2**exponent`` in ``dtype``, exact (the exponents used here stay in the normal range)."""
     return jnp.ldexp(jnp.ones(jnp.shape(exponent), dtype), exponent)
@@ -410,7 +429,7 @@ def scaled_gram_of_leaves(leaves: list[jax.Array], *, scaled: bool = True) -> tu
     k = leaves[0].shape[0]
     dtype = _gram_dtype(jnp.result_type(*leaves))
     if scaled:
-        exponent = overflow_exponent(max_abs(leaves, dtype), dtype)
+        exponent = gram_exponent(max_abs(leaves, dtype), dtype)
     else:
         exponent = jnp.zeros((), jnp.int32)
     down = power_of_two(-exponent, dtype)

@@ -49,7 +49,7 @@ class Problem:
     hashable, so it can be a ``jit`` static argument.
 
     Attributes:
-      name: short identifier, as accepted by :func:`softadapt_jax.problems.get_problem`.
+      name: short identifier, as accepted by :func:`problems.get_problem`.
       component_names: names of the ``K`` loss components, in the order of
         ``loss_components``' output; also the keys of the batch.
       init_params: ``key -> params``, a fresh network.

@@ -19,14 +19,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from softadapt_jax.problems.burgers import (
+from problems.burgers import (
     burgers_exact,
     burgers_problem,
     burgers_reference_grid,
     burgers_residual,
     cached_burgers_reference,
 )
-from softadapt_jax.problems.common import (
+from problems.common import (
     PointStream,
     Problem,
     init_mlp,
@@ -36,7 +36,7 @@ from softadapt_jax.problems.common import (
     sample_boxes,
     standardize,
 )
-from softadapt_jax.problems.helmholtz import (
+from problems.helmholtz import (
     WANG2021_TRAINING,
     helmholtz_exact,
     helmholtz_problem,
@@ -44,7 +44,7 @@ from softadapt_jax.problems.helmholtz import (
     helmholtz_source,
     helmholtz_wang2021_problem,
 )
-from softadapt_jax.problems.wave import wave_exact, wave_problem, wave_residual, wave_velocity
+from problems.wave import wave_exact, wave_problem, wave_residual, wave_velocity
 
 _FACTORIES: dict[str, Callable[..., Problem]] = {
     "burgers": burgers_problem,

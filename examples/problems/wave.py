@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softadapt_jax.problems.common import (
+from problems.common import (
     Array,
     Batch,
     Moments,

@@ -125,7 +125,7 @@ class RotoGrad(nn.Module):
 
     Example:
       >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
-      >>> from softadapt_jax.rotograd import RotoGrad, rotograd_optimizer, create_rotograd_train_state
+      >>> from softadapt_jax.flax.rotograd import RotoGrad, rotograd_optimizer, create_rotograd_train_state
       >>> model = RotoGrad(nn.Dense(4), [nn.Dense(1), nn.Dense(1)], latent_size=4)
       >>> params = model.init(jax.random.PRNGKey(0), jnp.ones((8, 3)))["params"]
       >>> tx = rotograd_optimizer(optax.adam(1e-3), optax.adam(1e-4))
