@@ -34,6 +34,14 @@ gradients, solver buffers), ``args`` the inputs (parameters, optimizer state,
 batch). These are the buffer sizes of the compiled program, not a measured
 peak, but they are what the extra K x P of the stacked gradients shows up in.
 The script prints markdown and writes nothing.
+
+``--aggregators`` instead times every Jacobian aggregator of the registry
+(``gradients.aggregator(name)``) on float32 Jacobians ``J [K, n]`` (``--dims``,
+default the MLP's n = 8,577 and 100,000) for K = 2, 4, 8, 16: the jitted
+``agg(J)`` (stateful methods: one ``update`` from their state) against the plain
+sum ``J.sum(0)`` and, for the Gramian weightings, against the Gramian route of
+the optax adapter (``J J^T``, the weights, ``w @ J``, formed in one program);
+and XLA's scratch memory of each program.
 """
 
 from __future__ import annotations
@@ -183,6 +191,94 @@ def median_ratio(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
+AGGREGATOR_CONFIG = {"cagrad": {"c": 0.5}, "fairgrad": {"alpha": 1.0}, "krum": {"n_byzantine": 1}}
+# Methods that need more rows than K = 2 offers, or three batches per step.
+AGGREGATOR_MIN_K = {"krum": 4, "trimmed_mean": 3}
+THREE_BATCHES = ("modo", "sdmgrad")
+
+
+def aggregator_program(name: str, k: int, n: int) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    """``(fn, args)``: the jitted call of aggregator ``name`` on a random ``[K, n]`` Jacobian."""
+    from softadapt_jax.gradients.aggregators import aggregator
+
+    config = dict(AGGREGATOR_CONFIG.get(name, {}))
+    if name == "trimmed_mean":
+        config["trim_number"] = 1
+    agg = aggregator(name, **config)
+    shape = (3, k, n) if name in THREE_BATCHES else (k, n)
+    jac = jax.random.normal(jax.random.PRNGKey(k), shape, jnp.float32)
+    losses = jnp.linspace(0.5, 2.0, k, dtype=jnp.float32)
+    key = jax.random.PRNGKey(0)
+    state = agg.init(k, n, jnp.float32) if agg.stateful else ()
+
+    def fn(j: jax.Array, s: Any) -> jax.Array:
+        d, _ = agg.update(
+            j, s, losses=losses if agg.needs_losses else None, key=key if agg.needs_key else None
+        )
+        return d
+
+    return jax.jit(fn), (jac, state)
+
+
+def aggregator_rows(
+    names: list[str], ks: list[int], dims: list[int], repeats: int, round_s: float
+) -> list[list[Any]]:
+    """Rows of the aggregator table: every method at every (K, n), timed beside the plain sum."""
+    from softadapt_jax.gradients.aggregators import aggregator
+    from softadapt_jax.gradients.aggregators._core import gramian_of
+
+    rows = []
+    for n in dims:
+        for k in ks:
+            jac = jax.random.normal(jax.random.PRNGKey(k), (k, n), jnp.float32)
+            programs = {"sum": (jax.jit(lambda j: j.sum(0)), (jac,))}
+            for name in names:
+                if k < AGGREGATOR_MIN_K.get(name, 2):
+                    continue
+                programs[name] = aggregator_program(name, k, n)
+                agg = aggregator(
+                    name,
+                    **AGGREGATOR_CONFIG.get(name, {}),
+                    **({"trim_number": 1} if name == "trimmed_mean" else {}),
+                )
+                if agg.weighting is not None and not agg.stateful:
+                    weighting = agg.weighting
+                    gram_route = jax.jit(lambda j, w=weighting: w(gramian_of(j)) @ j)
+                    programs[f"{name} (Gramian route)"] = (gram_route, (jac,))
+            compiled = {m: fn.lower(*a).compile() for m, (fn, a) in programs.items()}
+            runners = {m: (lambda c=compiled[m], a=programs[m][1]: c(*a)) for m in programs}
+            number = {m: calls_per_round(fn, round_s) for m, fn in runners.items()}
+            timings = time_interleaved(runners, repeats=repeats, number=number, warmup=1)
+            base = timings["sum"]
+            for m in programs:
+                if m == "sum":
+                    continue
+                t = timings[m]
+                rows.append(
+                    [
+                        n,
+                        k,
+                        m,
+                        fmt_us(t.median),
+                        fmt_us(t.cpu_median),
+                        f"{median_ratio(t.samples, base.samples):.1f}",
+                        f"{compiled[m].memory_analysis().temp_size_in_bytes / 2**20:.2f}",
+                    ]
+                )
+            rows.append(
+                [
+                    n,
+                    k,
+                    "sum",
+                    fmt_us(base.median),
+                    fmt_us(base.cpu_median),
+                    "1.0",
+                    f"{compiled['sum'].memory_analysis().temp_size_in_bytes / 2**20:.2f}",
+                ]
+            )
+    return rows
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -190,6 +286,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="fewer and shorter rounds (smoke test)")
     p.add_argument("--ks", default="2,4,8", help="comma-separated numbers of losses K (each >= 2)")
     p.add_argument("--repeats", type=int, default=None, help="timing rounds (default 15, quick 3)")
+    p.add_argument("--aggregators", action="store_true", help="time every Jacobian aggregator instead")
+    p.add_argument("--agg-ks", default="2,4,8,16", help="K values of the aggregator table")
+    p.add_argument("--dims", default="8577,100000", help="comma-separated n of the aggregator table")
+    p.add_argument("--names", default="all", help="comma-separated aggregator names, or 'all'")
     args = p.parse_args(argv)
     try:
         args.ks = [int(k) for k in args.ks.split(",") if k.strip()]
@@ -206,6 +306,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     round_seconds = 0.05 if args.quick else 0.2
+    if args.aggregators:
+        from softadapt_jax.gradients.aggregators import names
+
+        chosen = list(names()) if args.names == "all" else [x.strip() for x in args.names.split(",")]
+        ks = [int(x) for x in args.agg_ks.split(",")]
+        dims = [int(x) for x in args.dims.split(",")]
+        rows = aggregator_rows(chosen, ks, dims, args.repeats, round_seconds)
+        print(f"Machine: {machine_info_markdown()}\n")
+        print(
+            f"float32 Jacobians J [K, n], jitted; {args.repeats} interleaved rounds of ~{round_seconds}s "
+            "per row; '/ sum' is the median per-round ratio to J.sum(0) at the same (n, K).\n"
+        )
+        headers = ["n", "K", "method", "µs/call", "CPU µs/call", "/ sum", "temp MiB"]
+        print(markdown_table(headers, rows, align="rrl" + "r" * 4))
+        return
     params0 = init_mlp(jax.random.PRNGKey(0))
     rows = []
     for k in args.ks:

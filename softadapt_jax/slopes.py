@@ -177,7 +177,7 @@ def _scaled(history: jax.Array, scale: str, reference: Any) -> jax.Array:
 def _relative_divisor(history: jax.Array, reference: Any, unit: jax.Array) -> jax.Array:
     """``|r_k|`` for ``scale="relative"`` times ``unit``: the reference, or the mean; 1 where it is 0.
 
-    The mean is taken of the history times ``unit`` (see :func:`_overflow_unit`), so that the sum
+    The mean is taken of the history times ``unit`` (see ``_overflow_unit``), so that the sum
     of huge losses cannot overflow; an explicit reference is returned unscaled (``unit`` is then
     applied to the quotient instead, where a tiny reference cannot underflow).
     """

@@ -42,8 +42,11 @@ from softadapt_jax import _checks
 from softadapt_jax.balancers.base import group_sum
 from softadapt_jax.gradients.per_component import per_component_grads
 
+#: The statistic kinds :func:`compute_statistic` computes.
 STATISTICS: tuple[str, ...] = ("grad_abs", "grad_norm", "sqrt_loss_grad_norm", "ntk_trace")
+#: The kinds that reduce per-component gradients (the others need per-point residuals).
 GRADIENT_STATISTICS: tuple[str, ...] = ("grad_abs", "grad_norm", "sqrt_loss_grad_norm")
+#: Which parameters enter a statistic (every leaf, or the weight matrices only).
 PARAMS_FILTERS: tuple[str, ...] = ("all", "kernels")
 MEAN_OVER: tuple[str, ...] = ("entries", "leaves")
 

@@ -267,7 +267,7 @@ def check_losses_match_weights(losses: jax.Array, weights: Any) -> jax.Array:
     """The weights as a constant in the losses' dtype, after checking losses is ``[K]`` like them.
 
     Raises:
-      ValueError (at trace time): ``losses`` is not a vector of the weights' shape.
+      ValueError: (at trace time) ``losses`` is not a vector of the weights' shape.
     """
     w = jax.lax.stop_gradient(jnp.asarray(weights))
     if jnp.ndim(losses) != 1 or w.shape != jnp.shape(losses):

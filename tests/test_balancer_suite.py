@@ -1,7 +1,11 @@
 """One contract every balancer must meet, parametrized over all of them.
 
 Each case is built once per module and every test of a case feeds it loss
-streams of the same shape, so it is compiled a handful of times only.
+streams of the same shape, so it is compiled a handful of times only. The
+gradient-statistics balancers (learning-rate annealing, inverse gradient norm,
+NTK) are fed a synthetic statistic made from the losses, so they run through
+the same contract as the loss-statistics ones; the Jacobian aggregators have
+theirs in ``test_contract_aggregators.py``.
 """
 
 from __future__ import annotations
@@ -22,11 +26,17 @@ import pytest
 from softadapt_jax.balancers.base import Balancer, BalancerState
 from softadapt_jax.balancers.dwa import dwa_balancer
 from softadapt_jax.balancers.fixed import fixed_balancer
+from softadapt_jax.balancers.gradient_weighting import (
+    inverse_grad_norm_balancer,
+    lr_annealing_balancer,
+    ntk_balancer,
+)
 from softadapt_jax.balancers.ratio import ratio_softadapt_balancer
 from softadapt_jax.balancers.relobralo import relobralo_balancer
 from softadapt_jax.balancers.rlw import rlw_balancer
 from softadapt_jax.balancers.softadapt import softadapt_balancer
 from softadapt_jax.balancers.uncertainty import uncertainty_balancer
+from softadapt_jax.statistics import statistic_shape
 from softadapt_jax.transform import balance, find_balancer_states, get_weights, value_and_weighted_grad
 
 K = 3
@@ -39,6 +49,24 @@ STREAM = (
     * np.exp(0.1 * _rng.normal(size=(STEPS, K)))
 ).astype(np.float32)
 STREAM_2 = (np.sqrt(STREAM[::-1]) * 3.0).astype(np.float32)
+
+
+def synthetic_statistic(b: Balancer) -> Balancer:
+    """``b`` with its gradient statistic made from the losses: a loss-statistics balancer for the suite.
+
+    The statistic has the kind's shape, is positive where the losses are, and non-finite
+    where they are (as a real one would be on a non-finite step).
+    """
+    rows = b.num_losses if b.groups is None else max(b.groups) + 1
+
+    def update(losses: Any, state: BalancerState, statistics: Any = None) -> tuple[jax.Array, BalancerState]:
+        del statistics
+        base = jnp.sqrt(jnp.abs(jnp.asarray(losses, jnp.float32)))[:rows] + 0.5
+        shape = statistic_shape(b.statistic, rows)
+        stats = base if len(shape) == 1 else jnp.stack([3.0 * base, base], axis=1)  # grad_abs: [max, mean]
+        return b.update(losses, state, stats)
+
+    return b._replace(update=update, statistic=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +110,33 @@ CASES = [
     Case("dwa_average2_accumulate2", lambda: dwa_balancer(num_losses=K, average_over=2, accumulate=2), 4),
     Case("uncertainty", lambda: uncertainty_balancer(num_losses=K), 1, constant_sum=False),
     Case("rlw", lambda: rlw_balancer(num_losses=K), 1),
+    Case(
+        "lr_annealing_every3",
+        lambda: synthetic_statistic(lr_annealing_balancer(num_losses=K, update_every=3)),
+        1,
+        constant_sum=False,
+    ),
+    Case(
+        "lr_annealing_physicsnemo_setpoint",
+        lambda: synthetic_statistic(
+            lr_annealing_balancer(num_losses=K, convention="physicsnemo", update_every=2, setpoint=SETPOINT)
+        ),
+        1,
+        SETPOINT,
+        constant_sum=False,
+    ),
+    Case(
+        "inverse_grad_norm_every2",
+        lambda: synthetic_statistic(inverse_grad_norm_balancer(num_losses=K, update_every=2)),
+        1,
+        constant_sum=False,
+    ),
+    Case(
+        "ntk_every4",
+        lambda: synthetic_statistic(ntk_balancer(num_losses=K, update_every=4)),
+        1,
+        constant_sum=False,
+    ),
 ]
 CASE_BY_ID = {c.id: c for c in CASES}
 IDS = [c.id for c in CASES]

@@ -50,7 +50,7 @@ def restore_checkpoint(path: str | os.PathLike[str], target: Any) -> Any:
 
     Raises:
       FileNotFoundError: no such file.
-      CheckpointError (a ValueError): the file is not a msgpack checkpoint
+      CheckpointError: (a ValueError) the file is not a msgpack checkpoint
         (truncated or foreign), or its tree, a leaf's shape or a leaf's dtype
         differs from ``target``'s; the message names the file and the first
         mismatching entry.

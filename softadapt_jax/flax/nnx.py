@@ -56,7 +56,7 @@ def make_nnx_train_step(
       ``skipped`` (bool).
 
     Raises:
-      ValueError (at trace time): the optimizer holds no balancer (or more
+      ValueError: (at trace time) the optimizer holds no balancer (or more
         than one), or the losses are not ``[K]``.
     """
 

@@ -199,9 +199,9 @@ def make_train_step(
       ``loss`` (the plain sum) and ``skipped`` (bool).
 
     Raises:
-      ValueError (at trace time): the loss function's output is not ``[K]``
+      ValueError: (at trace time) the loss function's output is not ``[K]``
         with K the balancer's number of losses.
-      ValueError (at trace time): the optimizer holds a gradient-statistics
+      ValueError: (at trace time) the optimizer holds a gradient-statistics
         balancer but ``balancer`` is not given, or ``balancer`` matches no
         (or several) balancer states in it.
       TypeError: ``balancer`` is not a Balancer, ``guard`` not a bool, or

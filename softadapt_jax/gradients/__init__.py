@@ -6,6 +6,7 @@ and K x P memory, or the Gramian-only route described in
 :mod:`softadapt_jax.gradients.per_component`.
 """
 
+from softadapt_jax.gradients.aggregators import Aggregator, aggregate, aggregator
 from softadapt_jax.gradients.combiners import (
     CAGRAD_RESCALES,
     CONVENTIONS,
@@ -65,11 +66,14 @@ __all__ = [
     "MGDA_COMBINES",
     "MGDA_CONVENTIONS",
     "MGDA_NORMALIZATIONS",
+    "Aggregator",
     "GradNormInfo",
     "GradNormState",
     "PCGradState",
     "ResNormInfo",
     "ResNormState",
+    "aggregate",
+    "aggregator",
     "cagrad",
     "cagrad_coefficients",
     "cagrad_dual_problem",

@@ -415,7 +415,7 @@ def gradnorm_targets(
     ``r_k = (L_k / L_k(0)) / mean_j(L_j / L_j(0))``, the relative inverse training rate. Where
     the mean ratio is not finite in floating point (a loss of 1e20 after an ``L(0)`` of 1e-38
     overflows), or is 0 although a loss is not (every ratio below the float range), ``r`` is
-    taken in a scaled form instead (:func:`_relative_rates`): it is at most K for non-negative
+    taken in a scaled form instead (``_relative_rates``): it is at most K for non-negative
     losses, so representable whatever the ratios. Elsewhere it is the plain quotient.
     """
     l0 = jnp.where(initial_losses != 0, initial_losses, 1.0)

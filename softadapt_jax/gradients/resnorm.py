@@ -8,7 +8,7 @@ gradient statistic, so it costs one backward pass per step. The structure,
 the state and the timing are those of :func:`softadapt_jax.gradients.gradnorm`
 with ``convention="physicsnemo"``, whose helpers this module reuses.
 
-Two ways to feed it, as for :func:`gradnorm`:
+Two ways to feed it, as for :func:`~softadapt_jax.gradients.gradnorm.gradnorm`:
 
 (a) ``per_component=True`` (default): ``updates`` are the stacked per-component
     gradients ``[K, ...]`` and the transform returns ``sum_k w_k g_k``.

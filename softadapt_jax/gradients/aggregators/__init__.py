@@ -17,7 +17,36 @@ from softadapt_jax.gradients.aggregators._core import Aggregator, from_weighting
 from softadapt_jax.gradients.aggregators.optax_adapter import aggregate
 
 # Modules that define methods; each exports AGGREGATORS: {name: factory(**config) -> Aggregator}.
-_METHOD_MODULES: tuple[str, ...] = ()
+_METHOD_MODULES: tuple[str, ...] = (
+    # torchjd's aggregators (0.18.0), with LibMTL's forms as options
+    "mean_sum",
+    "upgrad",
+    "dual_proj",
+    "mgda",
+    "cagrad",
+    "imtl_g",
+    "aligned_mtl",
+    "config",
+    "fairgrad",
+    "trimmed_mean",
+    "krum",
+    "nash_mtl",
+    "pcd",
+    "excess_mtl",
+    "pcgrad",
+    "gradvac",
+    "graddrop",
+    "random",
+    # LibMTL's methods that torchjd does not have
+    "gls",
+    "stch",
+    "famo",
+    "db_mtl",
+    "moco",
+    "modo",
+    "sdmgrad",
+    "imtl",
+)
 
 
 def _registry() -> dict[str, Callable[..., Aggregator]]:
