@@ -200,3 +200,16 @@ def test_adapter_is_an_optax_transform_in_a_chain() -> None:
     jac = jnp.asarray(jacobians(1, "mean")[0])
     updates, _ = tx.update({"w": jac}, tx.init(params), params)
     np.testing.assert_allclose(updates["w"], -jac.mean(0), rtol=1e-6)
+
+
+def test_stateful_adapter_sizes_its_state_by_the_shared_leaves() -> None:
+    # ExcessMTL keeps per-entry statistics [K, n]: n is the number of shared entries, not of all.
+    agg = build("excess_mtl")
+    tx = aggregate(agg, num_tasks=K, mask={"shared": True, "head": False})
+    params = {"shared": jnp.zeros(N), "head": jnp.zeros(2)}
+    jac = jnp.asarray(jacobians(1, "excess_mtl")[0])
+    heads = jnp.ones((K, 2))
+    updates, _ = jax.jit(tx.update)({"shared": jac, "head": heads}, tx.init(params), params)
+    direction, _ = agg.update(jac, agg.init(K, N, jnp.float32))
+    np.testing.assert_allclose(updates["shared"], direction, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(updates["head"], heads.sum(0))

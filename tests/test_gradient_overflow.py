@@ -38,9 +38,9 @@ from softadapt_jax.gradients import (
     mgda_weights,
     pcgrad,
     pcgrad_weights,
-    random_orders,
     stacked_gramian,
 )
+from softadapt_jax.gradients.combiners import _random_orders
 from softadapt_jax.gradients.gradnorm import GRADNORM_CONVENTIONS
 from softadapt_jax.gradients.per_component import combine_leaves, overflow_exponent
 from softadapt_jax.training import BalancedTrainState, make_train_step
@@ -310,7 +310,7 @@ def test_weight_rules_on_the_scaled_gramian() -> None:
     # same gradients scaled down to where nothing is scaled.
     f_big, p = _linear_losses([BIG, 0, 0])
     f_small, _ = _linear_losses([BIG - 40, -40, -40])
-    orders = random_orders(jax.random.PRNGKey(0), K)
+    orders = _random_orders(jax.random.PRNGKey(0), K)
 
     def rules(g):
         return jnp.stack(

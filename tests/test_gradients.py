@@ -34,10 +34,9 @@ from softadapt_jax.gradients import (
     pcgrad,
     pcgrad_weights,
     per_component_grads,
-    project_simplex,
-    random_orders,
     stacked_gramian,
 )
+from softadapt_jax.gradients.combiners import _project_simplex, _random_orders
 
 # --- a small shared-trunk model with K = 3 heads -------------------------------------------------
 
@@ -365,7 +364,7 @@ def test_cagrad_zero_radius_is_the_mean_and_rescales() -> None:
 
 def test_project_simplex() -> None:
     v = jnp.array([0.3, -1.0, 2.0, 0.5])
-    p = project_simplex(v)
+    p = _project_simplex(v)
     np.testing.assert_allclose(p.sum(), 1.0, rtol=1e-6)
     assert np.all(np.asarray(p) >= 0)
     grid = np.random.default_rng(0).dirichlet(np.ones(4), 2000)
@@ -396,7 +395,7 @@ def grads() -> dict:
 def shared_weights(name: str, g: jax.Array, state) -> jax.Array:
     """The weight rule a combiner applies, evaluated directly on a [K, K] Gramian."""
     if name == "pcgrad":
-        return pcgrad_weights(g, random_orders(jax.random.split(state.key)[1], K))
+        return pcgrad_weights(g, _random_orders(jax.random.split(state.key)[1], K))
     batch = g[None].repeat(N, 0)
     return MGDA_LIBMTL(batch)[0] if name == "mgda" else CAGRAD(batch, 0.5)[0]
 

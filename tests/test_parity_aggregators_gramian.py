@@ -4,7 +4,7 @@ References (README §2): ``tests/data/torchjd_aggregators.json`` (torchjd 0.18.0
 UPGrad, DualProj, MGDA, CAGrad, IMTLG, AlignedMTL, AlignedMTL-rmse, FairGrad, Random) and
 ``tests/data/libmtl_weightings.json`` (LibMTL git 4336804: UPGrad, FairGrad, Aligned_MTL,
 IMTL). Both files use the same matrices (case ``NNN`` is the same J), so every weighting is
-jitted ONCE per K over the union of the matrices with that K and vmapped over them; the
+jitted ONCE per K over the union of the matrices with that K and mapped over them; the
 updates are ``weights @ J``. Everything runs in float64.
 
 Tolerances, and why:
@@ -132,8 +132,9 @@ def _matrices() -> dict[str, np.ndarray]:
     return out
 
 
-# Every rule at once, vmapped over Gramians [B, K, K]: one compile per K for the whole module.
-EVERY = jax.jit(jax.vmap(lambda g: {name: rule(g) for name, rule in RULES.items()}))
+# Every rule at once, mapped over Gramians [B, K, K]: one compile per K for the whole module.
+# lax.map, not vmap: a vmapped solver loop runs every case until the slowest converges.
+EVERY = jax.jit(lambda gs: jax.lax.map(lambda g: {name: rule(g) for name, rule in RULES.items()}, gs))
 
 
 def groups() -> dict[int, list[str]]:
@@ -248,7 +249,10 @@ def test_cagrad_matches_torchjd(x64) -> None:
     # Our configurable-norm_eps form is the combiners' torchjd convention (checked on the K = 2
     # cases, one compile): the same solver, so the same weights.
     pairs = [c for c in cases("CAGrad") if jac(c).shape[0] == 2]
-    combiner = jax.jit(jax.vmap(lambda g: combiner_cagrad_weights(g, 0.5, convention="torchjd")))
+    # Mapped like EVERY: a vmapped loop would iterate every case as long as the slowest one.
+    combiner = jax.jit(
+        lambda gs: jax.lax.map(lambda g: combiner_cagrad_weights(g, 0.5, convention="torchjd"), gs)
+    )
     same = np.asarray(combiner(jnp.asarray(np.stack([jac(c) @ jac(c).T for c in pairs]))))
     for case, w in zip(pairs, same, strict=True):
         np.testing.assert_allclose(ours("CAGrad", case), w, rtol=1e-12, atol=1e-14, err_msg=case["id"])

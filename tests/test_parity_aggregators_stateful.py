@@ -1,7 +1,7 @@
 """Parity of the stateful aggregators NashMTL, PCD and ExcessMTL with torchjd 0.18.0 and LibMTL.
 
-Single-step cases start from a fresh state and are vmapped over the cases of
-one shape; sequence cases run one state through ``lax.scan``. Nash-MTL's
+Single-step cases start from a fresh state and are mapped (``lax.map``, one jit) over the
+cases of one shape; sequence cases run one state through ``lax.scan``. Nash-MTL's
 result depends on J only through J J^T, and its update is ``w @ J``, so its
 cases are padded with zero columns to one width and grouped by K: the padding
 changes neither the Gramian nor the leading entries of the update (its own
@@ -80,7 +80,9 @@ def _pcd_single(cases):
     for k, group in _groups(cases, lambda c: len(c["inputs"]["J"])).items():
         state = PCDState(jnp.zeros((k,)), jnp.zeros((), jnp.int32))
         taus = jnp.full((k - 1,), 0.02)
-        step = jax.jit(jax.vmap(lambda j: pcd_step(j, state, taus)[:2]))
+        step = jax.jit(
+            lambda js, state=state, taus=taus: jax.lax.map(lambda j: pcd_step(j, state, taus)[:2], js)
+        )
         yield group, step(_padded(group))
 
 
@@ -194,7 +196,10 @@ def _nash_single(cases, convention, key="J"):
     for k, group in _groups(cases, lambda c: len(c["inputs"][key])).items():
         js = _padded(group, key)
         state = NashMTLState(jnp.ones((k,)), jnp.zeros((), jnp.int32))
-        run = jax.jit(jax.vmap(lambda j: nash_mtl_step(j, state, convention=convention)))
+        # lax.map, not vmap: a vmapped solver loop runs every case until the slowest converges.
+        run = jax.jit(
+            lambda js, state=state: jax.lax.map(lambda j: nash_mtl_step(j, state, convention=convention), js)
+        )
         d, w, s = run(jnp.asarray(js))
         for i, c in enumerate(group):
             n = np.shape(c["inputs"][key])[1]

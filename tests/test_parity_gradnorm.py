@@ -30,17 +30,17 @@ import pytest
 from softadapt_jax.gradients.gradnorm import (
     GRADNORM_CONVENTIONS,
     GradNormState,
+    _gradnorm_step,
     component_norms,
     gradnorm,
     gradnorm_init,
-    gradnorm_step,
 )
 
 DATA = pathlib.Path(__file__).parent / "data"
 RTOL, ATOL = 1e-6, 1e-12
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _methods(name: str) -> dict[str, Any]:
     return json.loads((DATA / name).read_text())["methods"]
 
@@ -60,7 +60,7 @@ def _replay(
 ) -> dict[str, jax.Array]:
     """Feeds T steps of (losses [T, K], per-component layer gradients [T, K, n]) through ``tx``.
 
-    Besides the transform's outputs, every step also runs ``gradnorm_step`` on the same state for
+    Besides the transform's outputs, every step also runs ``_gradnorm_step`` on the same state for
     the objective value and its gradient (which the transform does not return), and checks that
     its new state is the transform's.
     """
@@ -68,7 +68,7 @@ def _replay(
     def body(state: GradNormState, xs: tuple[jax.Array, jax.Array]) -> tuple[GradNormState, dict]:
         loss, grad = xs
         upd, new = tx.update({layer: grad}, state, losses=loss)
-        ref, info = gradnorm_step(state, loss, component_norms({layer: grad}, layer), **step_kwargs)
+        ref, info = _gradnorm_step(state, loss, component_norms({layer: grad}, layer), **step_kwargs)
         same = jax.tree.map(lambda a, b: jnp.all(a == b), new, ref)
         out = {
             "combined": upd[layer],
@@ -83,7 +83,7 @@ def _replay(
 
     run = jax.jit(lambda s, l, g: jax.lax.scan(body, s, (l, g))[1])
     out = run(tx.init(None), jnp.asarray(losses), jnp.asarray(grads))
-    assert bool(jnp.all(out["same_state"])), "the transform's state differs from gradnorm_step's"
+    assert bool(jnp.all(out["same_state"])), "the transform's state differs from _gradnorm_step's"
     return out
 
 

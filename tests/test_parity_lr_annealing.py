@@ -173,7 +173,8 @@ def test_snapshots_statistic_and_lambda(dtype_name: str) -> None:
     np.testing.assert_allclose(after, np.repeat(expected("lambda_after")[:, None], 4, axis=1), rtol=F32_RTOL)
 
 
-@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+# In the reference's dtype: the float64 recursion is checked on the snapshots above.
+@pytest.mark.parametrize("dtype_name", ["float32"])
 def test_first_iteration_through_the_train_step(dtype_name: str) -> None:
     """Iteration 0 from the recorded pre-step network: the Adam step with lambda = 1, then the
     statistic after the step on the same batch (the default ``statistic_at="updated"``, with

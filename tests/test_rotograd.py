@@ -347,7 +347,8 @@ def test_value_errors() -> None:
         model.apply({"params": params}, X, 2, method="task_prediction")
 
 
-@pytest.mark.parametrize("name", ["rotograd", "norm"])
+# RotoGradNorm runs every cross-device reduction RotoGrad has, and its weights' too.
+@pytest.mark.parametrize("name", ["norm"])
 def test_sharded_jit_over_four_devices_matches_one_device(name: str) -> None:
     # The documented multi-device path: jit with the batch split over a mesh, state replicated;
     # the batch-wide norms and means become global reductions, so the run equals one device's.
@@ -377,9 +378,8 @@ def test_sharded_jit_over_four_devices_matches_one_device(name: str) -> None:
     chex.assert_trees_all_close(jax.device_get(m4), m1, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    ("name", "normalize_losses"), [("rotate_only", False), ("rotograd", True), ("norm", True)]
-)
+# RotateOnly without loss normalisation, and RotoGradNorm (RotoGrad's reductions and its weights').
+@pytest.mark.parametrize(("name", "normalize_losses"), [("rotate_only", False), ("norm", True)])
 def test_pmap_over_four_devices_matches_one_device(name: str, normalize_losses: bool) -> None:
     # pmap with axis_name: the losses, norms and gradients are reduced over devices explicitly, so
     # 4 devices with a quarter of the batch each equal one device on the whole batch. Four steps with

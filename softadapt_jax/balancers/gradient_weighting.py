@@ -12,7 +12,6 @@ Weights start at 1 each (plain summation) and do not sum to a constant.
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 

@@ -163,7 +163,7 @@ def pcgrad(
         k = gram.shape[0]
         if random_order:
             key, sub = jax.random.split(state.key)
-            orders = random_orders(sub, k)
+            orders = _random_orders(sub, k)
         else:
             key = state.key
             orders = jnp.tile(jnp.arange(k), (k, 1))
@@ -448,7 +448,7 @@ def _cagrad_rescale(convention: str, rescale: str | None) -> str:
 # --- pure weight rules on the Gramian -----------------------------------------------------------------
 
 
-def random_orders(key: jax.Array, num: int) -> jax.Array:
+def _random_orders(key: jax.Array, num: int) -> jax.Array:
     """``[K, K]`` int array: row i is a random permutation of ``0..K-1`` (PCGrad's visiting order for i)."""
     keys = jax.random.split(key, num)
     return jax.vmap(lambda kk: jax.random.permutation(kk, num))(keys)
@@ -499,7 +499,7 @@ def pcgrad_weights(gram: jax.Array, orders: jax.Array, *, convention: str = "lib
     return jnp.sum(jax.vmap(one)(jnp.arange(k), orders), axis=0)
 
 
-def min_norm_2(g11: jax.Array, g12: jax.Array, g22: jax.Array) -> jax.Array:
+def _min_norm_2(g11: jax.Array, g12: jax.Array, g22: jax.Array) -> jax.Array:
     """The exact two-point min-norm weight: ``argmin_{0<=t<=1} ||t u + (1 - t) v||^2``.
 
     With ``g11 = ||u||^2``, ``g12 = <u, v>``, ``g22 = ||v||^2``:
@@ -609,7 +609,7 @@ def mgda_weights(
     scale = jnp.max(jnp.diag(gram))
     g = gram / jnp.where(scale > 0, scale, 1.0)
     if k == 2:
-        t = min_norm_2(g[0, 0], g[0, 1], g[1, 1])
+        t = _min_norm_2(g[0, 0], g[0, 1], g[1, 1])
         w = jnp.stack([t, 1.0 - t])
     else:
         w = _mgda_frank_wolfe(g, max_iters, tol)
@@ -724,7 +724,7 @@ def _mgda_frank_wolfe(g: jax.Array, max_iters: int, tol: float) -> jax.Array:
     eye = jnp.eye(k, dtype=g.dtype)
     # Start from the best pair, as Sener & Koltun do: for two tasks it already is the answer.
     i, j = (jnp.asarray(a) for a in np.triu_indices(k, 1))
-    t = min_norm_2(g[i, i], g[i, j], g[j, j])
+    t = _min_norm_2(g[i, i], g[i, j], g[j, j])
     cost = t**2 * g[i, i] + 2 * t * (1 - t) * g[i, j] + (1 - t) ** 2 * g[j, j]
     b = jnp.argmin(cost)
     w0 = t[b] * eye[i[b]] + (1 - t[b]) * eye[j[b]]
@@ -778,7 +778,7 @@ def _polish_on_face(g: jax.Array, w: jax.Array, rounds: int = 3) -> jax.Array:
     return jax.lax.fori_loop(0, rounds, body, (support, w, lam))[1]
 
 
-def project_simplex(v: jax.Array) -> jax.Array:
+def _project_simplex(v: jax.Array) -> jax.Array:
     """Euclidean projection of ``v`` onto the probability simplex (sort-based, permutation-equivariant)."""
     k = v.shape[0]
     u = jnp.sort(v)[::-1]

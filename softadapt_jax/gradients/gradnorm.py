@@ -66,7 +66,7 @@ class GradNormState(NamedTuple):
 
 
 class GradNormInfo(NamedTuple):
-    """Diagnostics of one :func:`gradnorm_step` (zeros while LibMTL's initial steps hold the weights)."""
+    """Diagnostics of one ``_gradnorm_step`` (zeros while LibMTL's initial steps hold the weights)."""
 
     objective: jax.Array  # scalar, sum_k |w_k n_k - target_k|
     grad: jax.Array  # [K], d objective / d param, what the weight optimizer received
@@ -261,7 +261,7 @@ def gradnorm(
             updates = _combine(state.weights, updates)
         else:
             norms = check_vector(layer_norms, "layer_norms", k)
-        new_state, _ = gradnorm_step(state, losses, norms, **step_kwargs)
+        new_state, _ = _gradnorm_step(state, losses, norms, **step_kwargs)
         # Non-finite losses or norms (a nan gradient) would make L(0) or the weights nan for
         # good: such an update leaves the state as it was and is counted in `rejected`.
         ok = jnp.all(jnp.isfinite(losses)) & jnp.all(jnp.isfinite(norms))
@@ -278,8 +278,14 @@ def gradnorm_init(
     """The initial :class:`GradNormState` (float64 under x64, else float32): weights 1, L(0) unset."""
     k = check_positive_int(num_losses, "num_losses")
     check_choice(convention, "convention", GRADNORM_CONVENTIONS)
-    param = jnp.full((k,), _INITIAL_PARAM[convention], jnp.result_type(float))
-    return GradNormState(
+    return learned_weights_state(
+        GradNormState, jnp.full((k,), _INITIAL_PARAM[convention], jnp.result_type(float)), optimizer
+    )
+
+
+def learned_weights_state(cls: Any, param: jax.Array, optimizer: optax.GradientTransformation) -> Any:
+    """A fresh state of a method whose weights are a trained parameter (GradNorm, ResNorm)."""
+    return cls(
         weights=jnp.ones_like(param),
         param=param,
         initial_losses=jnp.zeros_like(param),
@@ -289,20 +295,29 @@ def gradnorm_init(
     )
 
 
+def weights_of(opt_state: Any, cls: Any) -> jax.Array:
+    """The weights of the one ``cls`` state inside ``opt_state``, as a constant.
+
+    Raises:
+      ValueError: if ``opt_state`` holds no ``cls`` state, or several.
+    """
+    found = [
+        n for n in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, cls)) if isinstance(n, cls)
+    ]
+    if len(found) != 1:
+        raise ValueError(f"expected exactly one {cls.__name__} in `opt_state`, found {len(found)}.")
+    return jax.lax.stop_gradient(found[0].weights)
+
+
 def gradnorm_weights(opt_state: Any) -> jax.Array:
     """The weights ``[K]`` (summing to K) the GradNorm state in ``opt_state`` applies next.
+
+    :func:`softadapt_jax.get_weights` reads it too (and any other weighting state).
 
     Raises:
       ValueError: if ``opt_state`` holds no :class:`GradNormState`, or several.
     """
-    found = [
-        n
-        for n in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, GradNormState))
-        if isinstance(n, GradNormState)
-    ]
-    if len(found) != 1:
-        raise ValueError(f"expected exactly one GradNormState in `opt_state`, found {len(found)}.")
-    return jax.lax.stop_gradient(found[0].weights)
+    return weights_of(opt_state, GradNormState)
 
 
 def layer_grad_norms(
@@ -341,7 +356,7 @@ def component_norms(stacked_grads: Any, layer: Layer) -> jax.Array:
     Raises:
       ValueError: the layer path does not exist or selects no array.
     """
-    leaves = jax.tree.leaves(select_layer(stacked_grads, layer))
+    leaves = jax.tree.leaves(_select_layer(stacked_grads, layer))
     if not leaves:
         raise ValueError(f"`layer` {layer!r} selects no gradient leaf.")
     sizes = {jnp.shape(g)[0] if jnp.ndim(g) else None for g in leaves}
@@ -364,7 +379,7 @@ def component_norms(stacked_grads: Any, layer: Layer) -> jax.Array:
     return jnp.sqrt(sq) * power_of_two(exponent, dtype)
 
 
-def select_layer(tree: Any, layer: Layer) -> Any:
+def _select_layer(tree: Any, layer: Layer) -> Any:
     """The subtree of ``tree`` at ``layer`` (a callable, a ``"a/b/c"`` path, or a tuple of keys)."""
     if callable(layer):
         return layer(tree)
@@ -465,7 +480,7 @@ def _prepare_param(param: jax.Array, convention: str) -> jax.Array:
     return param
 
 
-def gradnorm_step(
+def _gradnorm_step(
     state: GradNormState,
     losses: jax.Array,
     norms: jax.Array,

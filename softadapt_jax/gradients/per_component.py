@@ -128,8 +128,7 @@ def per_component_grads(
         k = _check_losses(losses)
         # A NumPy eye is a compile-time constant: XLA then folds the zeros of each
         # one-hot cotangent and drops the backward work of the other components
-        # (the looped K VJPs of the library's PINN problems measured 1.5x a plain
-        # gradient, against 2.5-3.3x with a traced eye; benchmarks/bench_statistics.py).
+        # (figures in benchmarks/RESULTS.md, gradient statistics).
         eye = np.eye(k, dtype=losses.dtype)
         if vmap_vjps:
             (grads,) = jax.vmap(vjp_fn)(eye)

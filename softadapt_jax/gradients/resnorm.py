@@ -33,6 +33,8 @@ from softadapt_jax.gradients.gradnorm import (
     _prepare_param,
     _weight_map,
     gradnorm_targets,
+    learned_weights_state,
+    weights_of,
 )
 from softadapt_jax.gradients.per_component import overflow_exponent, power_of_two
 
@@ -174,15 +176,7 @@ def resnorm(
 def resnorm_init(num_losses: int, optimizer: optax.GradientTransformation) -> ResNormState:
     """The initial :class:`ResNormState` (float64 under x64, else float32): lmbda 0, weights 1."""
     k = check_positive_int(num_losses, "num_losses")
-    param = jnp.zeros((k,), jnp.result_type(float))
-    return ResNormState(
-        weights=jnp.ones_like(param),
-        param=param,
-        initial_losses=jnp.zeros_like(param),
-        count=jnp.zeros((), jnp.int32),
-        inner_state=optimizer.init(param),
-        rejected=jnp.zeros((), jnp.int32),
-    )
+    return learned_weights_state(ResNormState, jnp.zeros((k,), jnp.result_type(float)), optimizer)
 
 
 def resnorm_weights(opt_state: Any) -> jax.Array:
@@ -191,14 +185,7 @@ def resnorm_weights(opt_state: Any) -> jax.Array:
     Raises:
       ValueError: if ``opt_state`` holds no :class:`ResNormState`, or several.
     """
-    found = [
-        n
-        for n in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ResNormState))
-        if isinstance(n, ResNormState)
-    ]
-    if len(found) != 1:
-        raise ValueError(f"expected exactly one ResNormState in `opt_state`, found {len(found)}.")
-    return jax.lax.stop_gradient(found[0].weights)
+    return weights_of(opt_state, ResNormState)
 
 
 def resnorm_targets(losses: jax.Array, initial_losses: jax.Array, alpha: float) -> jax.Array:

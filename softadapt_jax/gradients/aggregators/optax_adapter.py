@@ -11,7 +11,13 @@ import optax
 
 from softadapt_jax._checks import check_positive_int, check_seed
 from softadapt_jax.gradients.aggregators._core import Aggregator, check_losses
-from softadapt_jax.gradients.per_component import Mask, combine_leaves, scaled_gram_of_leaves, split_stacked
+from softadapt_jax.gradients.per_component import (
+    Mask,
+    combine_leaves,
+    resolve_mask,
+    scaled_gram_of_leaves,
+    split_stacked,
+)
 
 
 class AggregateState(NamedTuple):
@@ -68,6 +74,10 @@ def aggregate(
 
     def init_fn(params: Any) -> AggregateState:
         leaves = jax.tree.leaves(params)
+        if mask is not None:
+            # The Jacobian's columns are the shared (masked-in) entries only.
+            flags = jax.tree.structure(params).flatten_up_to(resolve_mask(mask, params))
+            leaves = [p for p, f in zip(leaves, flags, strict=True) if f]
         dim = sum(int(jnp.size(p)) for p in leaves)
         dtype = jnp.result_type(*leaves) if leaves else jnp.float32
         method = agg.init(num_tasks, dim, dtype) if agg.stateful else ()

@@ -15,7 +15,7 @@ from softadapt_jax.gradients.aggregators._core import (
     gramian_of,
     no_state,
 )
-from softadapt_jax.gradients.combiners import pcgrad_weights, random_orders
+from softadapt_jax.gradients.combiners import _random_orders, pcgrad_weights
 
 PCGRAD_CONVENTIONS = ("torchjd", "libmtl")
 
@@ -86,7 +86,7 @@ def pcgrad(*, convention: str = "torchjd") -> Aggregator:
     def update(jacobian: Any, state: Any, *, losses: Any = None, key: Any = None) -> tuple[jax.Array, Any]:
         del losses
         j = check_jacobian(jacobian)
-        orders = random_orders(check_key(key, "pcgrad"), j.shape[0])
+        orders = _random_orders(check_key(key, "pcgrad"), j.shape[0])
         return pcgrad_direction(j, orders, convention=convention)[0], state
 
     return Aggregator(name="pcgrad", init=no_state, update=update, needs_key=True)
