@@ -253,13 +253,17 @@ METHODS: dict[str, Method] = {
     "grad_norm_hold": Method(
         "jit(make_train_step), inverse_grad_norm_balancer(update_every=10**9): the cond's hold branch only",
         "train_step",
-        balancer=lambda k: sj.inverse_grad_norm_balancer(num_losses=k, update_every=10**9),
+        balancer=lambda k: sj.inverse_grad_norm_balancer(
+            num_losses=k, update_every=10**9, update_first=False
+        ),
         update_every=10**9,
     ),
     "grad_norm_hold_wrapped": Method(
         "jit(lax.cond(pred, hold, hold)): the hold step in a conditional with two equal branches",
         "wrapped_hold",
-        balancer=lambda k: sj.inverse_grad_norm_balancer(num_losses=k, update_every=10**9),
+        balancer=lambda k: sj.inverse_grad_norm_balancer(
+            num_losses=k, update_every=10**9, update_first=False
+        ),
         update_every=10**9,
     ),
 }

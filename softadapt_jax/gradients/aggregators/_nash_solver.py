@@ -206,14 +206,14 @@ def ccp_subproblem(gn: jax.Array, c: jax.Array, start: BargainingPoint) -> Subpr
     t_final = (k + 1.0) / (tol * jnp.maximum(jnp.abs(jnp.dot(c, b0)), jnp.finfo(dtype).tiny))
 
     def cond(carry):
-        i, t, b, done = carry
+        i, _, _, done = carry
         return (i < _BARRIER_CAP) & ~done
 
     def body(carry):
         i, t, b, _ = carry
         step, decrement = newton(t, b)
         f0 = barrier(t, b)
-        slope = -decrement**2
+        slope = -(decrement**2)
 
         # Backtracking line search inside the domain (Armijo, halving).
         def ls_cond(s):

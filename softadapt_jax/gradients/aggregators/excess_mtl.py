@@ -97,7 +97,9 @@ def excess_mtl_step(
     return jnp.where(finite, d, jnp.nan), weights, new_state
 
 
-def excess_mtl(*, robust_step_size: float = 1.0, n_warmup_steps: int = 0, convention: str = "torchjd") -> Aggregator:
+def excess_mtl(
+    *, robust_step_size: float = 1.0, n_warmup_steps: int = 0, convention: str = "torchjd"
+) -> Aggregator:
     """ExcessMTL, Robust Multi-Task Learning with Excess Risks (He et al., ICML 2024).
 
     Task weights follow an exponentiated-gradient step on per-task excess
@@ -121,13 +123,20 @@ def excess_mtl(*, robust_step_size: float = 1.0, n_warmup_steps: int = 0, conven
       A stateful :class:`Aggregator`; ``init(K, n, dtype)`` gives
       :class:`ExcessMTLState` (it holds a ``[K, n]`` sum of squares).
     """
-    if isinstance(robust_step_size, bool) or not isinstance(robust_step_size, (int, float)) or not robust_step_size > 0:
+    if (
+        isinstance(robust_step_size, bool)
+        or not isinstance(robust_step_size, (int, float))
+        or not robust_step_size > 0
+    ):
         raise ValueError(f"`robust_step_size` must be a float > 0, got {robust_step_size!r}.")
     robust_step_size = float(robust_step_size)
     n_warmup_steps = check_positive_int(n_warmup_steps, "n_warmup_steps", minimum=0)
     convention = check_choice(convention, "convention", CONVENTIONS)
     if convention == "libmtl" and n_warmup_steps != 0:
-        raise ValueError(f"`n_warmup_steps` must be 0 with convention='libmtl' (LibMTL has no warm-up), got {n_warmup_steps}.")
+        raise ValueError(
+            "`n_warmup_steps` must be 0 with convention='libmtl' (LibMTL has no warm-up), "
+            f"got {n_warmup_steps}."
+        )
 
     def init(num_tasks: int, dim: int, dtype: Any = jnp.float32) -> ExcessMTLState:
         start = 1.0 if convention == "libmtl" else 1.0 / num_tasks

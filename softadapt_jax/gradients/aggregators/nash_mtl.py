@@ -199,7 +199,9 @@ def nash_mtl(
 
     def check_k(k: int) -> None:
         if n_tasks is not None and k != n_tasks:
-            raise ValueError(f"nash_mtl was configured with `n_tasks={n_tasks}` but got a jacobian with {k} rows.")
+            raise ValueError(
+                f"nash_mtl was configured with `n_tasks={n_tasks}` but got a jacobian with {k} rows."
+            )
 
     def init(num_tasks: int, dim: int, dtype: Any = jnp.float32) -> NashMTLState:
         del dim

@@ -60,7 +60,7 @@ def pcd_qp(gram: jax.Array, taus: jax.Array, *, dependence_tol: float = _DEPENDE
         return ~done & (n_iters < max_iters) & (guard < 2 * max_iters + 2)
 
     def body(c):
-        n_iters, mu, active, p, slack_p, inner, done, infeasible, guard = c
+        n_iters, mu, active, p, slack_p, inner, _, infeasible, guard = c
         # Outer phase: pick the most violated constraint.
         slacks = jnp.where(active, 0.0, jnp.matmul(gs, mu, precision=_HI) - b)
         p_new = jnp.argmin(slacks)
@@ -196,7 +196,8 @@ def pcd(*, tau: Any = 0.02, beta: float = 0.999, eps: float = 1e-8) -> Aggregato
         if tau_arr.ndim == 1:
             if tau_arr.shape[0] != k - 1:
                 raise ValueError(
-                    f"`tau` has {tau_arr.shape[0]} values but the jacobian has {k - 1} secondary rows (K - 1)."
+                    f"`tau` has {tau_arr.shape[0]} values but the jacobian has {k - 1} "
+                    "secondary rows (K - 1)."
                 )
             return jnp.asarray(tau_arr, dtype)
         return jnp.full((k - 1,), float(tau_arr), dtype)
@@ -210,7 +211,9 @@ def pcd(*, tau: Any = 0.02, beta: float = 0.999, eps: float = 1e-8) -> Aggregato
         j = check_jacobian(jacobian)
         k = j.shape[0]
         if state.sq_norm_ema.shape != (k,):
-            raise ValueError(f"pcd state holds {state.sq_norm_ema.shape[0]} norms but the jacobian has {k} rows.")
+            raise ValueError(
+                f"pcd state holds {state.sq_norm_ema.shape[0]} norms but the jacobian has {k} rows."
+            )
         d, _, new_state = pcd_step(j, state, taus_for(k, j.dtype), beta=beta, eps=eps)
         return d, new_state
 
