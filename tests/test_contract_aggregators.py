@@ -71,41 +71,39 @@ def contract_run(name: str) -> dict[str, np.ndarray]:
     """Everything the per-method contract checks, from one ``pmap`` program (one compilation).
 
     On each of 4 devices: the optax adapter (``axis_name``) on that device's shard of the
-    gradients (for three-batch methods, a ``pmean`` before the call), the single call on the
-    global Jacobian that the adapter must reproduce, and a vmapped batch of calls beside two
-    single calls of its elements.
+    gradients (for three-batch methods, a ``pmean`` before the call), single calls on the global
+    Jacobian J and on a second one, and a vmapped batch of calls whose first two elements they are.
     """
     agg = build(name)
-    (jac,) = jacobians(1, name, seed=1)
+    batch = jacobians(3, name)
+    jac = batch[0]
     offsets = np.array([1.0, -1.0, 0.5, -0.5], np.float32).reshape(DEVICES, *([1] * jac.ndim))
     shards = jac[None] + offsets * np.sign(jac)[None] * 0.25  # their mean is jac, exactly
-    batch = jacobians(3, name)
     key = jax.random.PRNGKey(5)
     tx = aggregate(agg, num_tasks=K, axis_name="d", seed=0)
     params = {"w": jnp.zeros(N, jnp.float32)}
     losses = jnp.asarray(LOSSES) if agg.needs_losses else None
 
-    def per_device(shard: jax.Array, j: jax.Array, js: jax.Array, k: jax.Array) -> dict[str, jax.Array]:
-        if name in THREE_BATCHES:
-            adapted, want = call(agg, jax.lax.pmean(shard, "d"), k), call(agg, j, k)
-        else:
-            state = tx.init(params)
-            if agg.needs_key:
-                state = state._replace(key=k)
-            updates, _ = tx.update({"w": shard}, state, params, losses=losses)
-            adapted = updates["w"]
-            # The adapter splits its key once per step and hands the second half to the method.
-            want = call(agg, j, jax.random.split(k)[1] if agg.needs_key else k)
-        return {
-            "adapted": adapted,
-            "want": want,
-            "single0": call(agg, js[0], k),
+    def per_device(shard: jax.Array, js: jax.Array, k: jax.Array) -> dict[str, jax.Array]:
+        out = {
+            "single": call(agg, js[0], k),
             "single1": call(agg, js[1], k),
             "vmapped": jax.vmap(lambda x: call(agg, x, k))(js),
         }
+        if name in THREE_BATCHES:
+            out["adapted"], out["want"] = call(agg, jax.lax.pmean(shard, "d"), k), out["single"]
+            return out
+        state = tx.init(params)
+        if agg.needs_key:
+            state = state._replace(key=k)
+        updates, _ = tx.update({"w": shard}, state, params, losses=losses)
+        out["adapted"] = updates["w"]
+        # The adapter splits its key once per step and hands the second half to the method.
+        out["want"] = call(agg, js[0], jax.random.split(k)[1]) if agg.needs_key else out["single"]
+        return out
 
-    run = jax.pmap(per_device, axis_name="d", in_axes=(0, None, None, None))
-    return {k: np.asarray(v) for k, v in run(shards, jac, batch, key).items()}
+    run = jax.pmap(per_device, axis_name="d", in_axes=(0, None, None))
+    return {k: np.asarray(v) for k, v in run(shards, batch, key).items()}
 
 
 def test_registry_holds_every_method_by_its_name() -> None:
@@ -140,15 +138,13 @@ NASH_FLOAT32 = (
 )
 def test_jits_and_vmaps(name: str) -> None:
     out = contract_run(name)
-    single = out["single0"][0]
+    single = out["single"][0]
     assert single.shape == (N,), name
     assert single.dtype == np.float32, name
     assert np.all(np.isfinite(single)), f"{name}: non-finite update {single}"
     assert out["vmapped"].shape == (DEVICES, 3, N), name
-    for i in (0, 1):
-        np.testing.assert_allclose(
-            out["vmapped"][0, i], out[f"single{i}"][0], rtol=1e-5, atol=1e-6, err_msg=name
-        )
+    for i, want in enumerate((single, out["single1"][0])):
+        np.testing.assert_allclose(out["vmapped"][0, i], want, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("name", NAMES)

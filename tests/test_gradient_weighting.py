@@ -408,9 +408,12 @@ def reference_step(state, stats_fn):
     return optax.apply_updates(state.params, updates), opt_state, total, losses, weights
 
 
-@pytest.mark.parametrize("factory", FACTORIES)
-@pytest.mark.parametrize("statistic_at", ["updated", "current"])
-@pytest.mark.parametrize("has_aux", [False, True])
+# Every statistic at both evaluation points; has_aux (orthogonal to the statistic) on one of each.
+@pytest.mark.parametrize(
+    "factory, statistic_at, has_aux",
+    [(f, at, False) for f in FACTORIES for at in ("updated", "current")]
+    + [(lr_annealing_balancer, "updated", True), (ntk_balancer, "current", True)],
+)
 def test_recompute_step_by_hand(factory, statistic_at: str, has_aux: bool) -> None:
     # A recompute step: the step's gradient of sum_k w_k L_k with the weights held before it, the
     # optimizer update, and the statistic at the updated parameters (or at the step's own).
