@@ -191,20 +191,22 @@ def median_ratio(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
-AGGREGATOR_CONFIG = {"cagrad": {"c": 0.5}, "fairgrad": {"alpha": 1.0}, "krum": {"n_byzantine": 1}}
+AGGREGATOR_CONFIG = {
+    "cagrad": {"c": 0.5},
+    "fairgrad": {"alpha": 1.0},
+    "krum": {"n_byzantine": 1},
+    "trimmed_mean": {"trim_number": 1},
+}
 # Methods that need more rows than K = 2 offers, or three batches per step.
 AGGREGATOR_MIN_K = {"krum": 4, "trimmed_mean": 3}
 THREE_BATCHES = ("modo", "sdmgrad")
 
 
-def aggregator_program(name: str, k: int, n: int) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-    """``(fn, args)``: the jitted call of aggregator ``name`` on a random ``[K, n]`` Jacobian."""
+def aggregator_program(name: str, k: int, n: int) -> tuple[Any, Callable[..., Any], tuple[Any, ...]]:
+    """``(agg, fn, args)``: aggregator ``name`` and its jitted call on a random ``[K, n]`` Jacobian."""
     from softadapt_jax.gradients.aggregators import aggregator
 
-    config = dict(AGGREGATOR_CONFIG.get(name, {}))
-    if name == "trimmed_mean":
-        config["trim_number"] = 1
-    agg = aggregator(name, **config)
+    agg = aggregator(name, **AGGREGATOR_CONFIG.get(name, {}))
     shape = (3, k, n) if name in THREE_BATCHES else (k, n)
     jac = jax.random.normal(jax.random.PRNGKey(k), shape, jnp.float32)
     losses = jnp.linspace(0.5, 2.0, k, dtype=jnp.float32)
@@ -217,14 +219,13 @@ def aggregator_program(name: str, k: int, n: int) -> tuple[Callable[..., Any], t
         )
         return d
 
-    return jax.jit(fn), (jac, state)
+    return agg, jax.jit(fn), (jac, state)
 
 
 def aggregator_rows(
     names: list[str], ks: list[int], dims: list[int], repeats: int, round_s: float
 ) -> list[list[Any]]:
     """Rows of the aggregator table: every method at every (K, n), timed beside the plain sum."""
-    from softadapt_jax.gradients.aggregators import aggregator
     from softadapt_jax.gradients.aggregators._core import gramian_of
 
     rows = []
@@ -235,15 +236,10 @@ def aggregator_rows(
             for name in names:
                 if k < AGGREGATOR_MIN_K.get(name, 2):
                     continue
-                programs[name] = aggregator_program(name, k, n)
-                agg = aggregator(
-                    name,
-                    **AGGREGATOR_CONFIG.get(name, {}),
-                    **({"trim_number": 1} if name == "trimmed_mean" else {}),
-                )
+                agg, fn, args = aggregator_program(name, k, n)
+                programs[name] = (fn, args)
                 if agg.weighting is not None and not agg.stateful:
-                    weighting = agg.weighting
-                    gram_route = jax.jit(lambda j, w=weighting: w(gramian_of(j)) @ j)
+                    gram_route = jax.jit(lambda j, w=agg.weighting: w(gramian_of(j)) @ j)
                     programs[f"{name} (Gramian route)"] = (gram_route, (jac,))
             compiled = {m: fn.lower(*a).compile() for m, (fn, a) in programs.items()}
             runners = {m: (lambda c=compiled[m], a=programs[m][1]: c(*a)) for m in programs}

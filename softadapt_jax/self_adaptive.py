@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from softadapt_jax._checks import check_choice, check_positive_int
+from softadapt_jax._checks import check_choice, check_float, check_positive_int
 
 SA_MASKS = ("identity", "polynomial", "sigmoid")
 """The named mask functions of :func:`sa_mask`."""
@@ -79,8 +79,8 @@ def sa_mask(name: str | Mask = "polynomial", *, c: float = 1.0, q: float = 2.0) 
     if callable(name):
         return name
     check_choice(name, "mask", SA_MASKS)
-    c = _positive(c, "c")
-    q = _positive(q, "q")
+    c = check_float(c, "c", low=0.0, low_open=True)
+    q = check_float(q, "q", low=0.0, low_open=True)
     if name == "identity":
         return lambda lam: lam
     if name == "polynomial":
@@ -121,9 +121,9 @@ def sa_init(
         missing = [t for t in terms if t not in init]
         if missing:
             raise ValueError(f"`init` has no value for the terms {missing}.")
-        values = {t: _non_negative(init[t], f"init[{t!r}]") for t in terms}
+        values = {t: check_float(init[t], f"init[{t!r}]", low=0.0) for t in terms}
     else:
-        values = dict.fromkeys(terms, _non_negative(init, "init"))
+        values = dict.fromkeys(terms, check_float(init, "init", low=0.0))
     dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
     if key is None:
         return SelfAdaptiveState({t: jnp.full((counts[t],), values[t], dtype) for t in terms})
@@ -228,19 +228,3 @@ def sa_optimizer(
         # Never give up: past max_consecutive_errors apply_if_finite would apply the NaN step.
         tx = optax.apply_if_finite(tx, max_consecutive_errors=np.iinfo(np.int32).max)
     return tx
-
-
-def _positive(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"`{name}` must be a positive finite float, got {value!r}.")
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive finite float, got {value!r}.")
-    return float(value)
-
-
-def _non_negative(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"`{name}` must be a finite float >= 0, got {value!r}.")
-    if not np.isfinite(value) or value < 0:
-        raise ValueError(f"`{name}` must be a finite float >= 0, got {value!r}.")
-    return float(value)

@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 import jax
+import numpy as np
 import pytest
 
 # The PINN problems live with the study (examples/problems); the tests import them as `problems`.
@@ -34,6 +35,29 @@ def load_reference() -> dict[str, Any]:
 def reference_data() -> dict[str, Any]:
     """The parsed ``tests/data/softadapt_reference_public.json``."""
     return load_reference()
+
+
+# How the reference JSON files spell the non-finite floats (JSON has no literal for them).
+_SPECIAL_FLOATS = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+
+
+def decode_special(x: Any) -> Any:
+    """A reference JSON value with "NaN", "Infinity" and "-Infinity" read as floats.
+
+    Lists and dicts are decoded recursively; other strings are kept.
+    """
+    if isinstance(x, str):
+        return _SPECIAL_FLOATS.get(x, x)
+    if isinstance(x, list):
+        return [decode_special(v) for v in x]
+    if isinstance(x, dict):
+        return {k: decode_special(v) for k, v in x.items()}
+    return x
+
+
+def reference_array(x: Any) -> np.ndarray:
+    """A reference JSON array (nested lists, non-finite values as strings) as float64."""
+    return np.array(decode_special(x), np.float64)
 
 
 @pytest.fixture

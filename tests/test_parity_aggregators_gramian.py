@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import reference_array
 
 from softadapt_jax.gradients.aggregators.aligned_mtl import aligned_mtl, aligned_mtl_weights
 from softadapt_jax.gradients.aggregators.cagrad import cagrad
@@ -83,12 +84,6 @@ RULES: dict[str, Any] = {
 RULE_OF = {"libmtl:UPGrad": "UPGrad", "libmtl:FairGrad": "FairGrad"}
 
 
-def _decode(x: Any) -> Any:
-    if isinstance(x, str):
-        return float(x)  # "NaN", "Infinity", "-Infinity"
-    return [_decode(v) for v in x] if isinstance(x, list) else x
-
-
 @functools.cache
 def _methods(source: str) -> dict[str, Any]:
     name = "torchjd_aggregators.json" if source == "torchjd" else "libmtl_weightings.json"
@@ -107,11 +102,11 @@ def number(case: dict[str, Any]) -> str:
 
 def jac(case: dict[str, Any]) -> np.ndarray:
     inputs = case["inputs"]
-    return np.array(_decode(inputs["J"] if "J" in inputs else inputs["grads"]), np.float64)
+    return reference_array(inputs["J"] if "J" in inputs else inputs["grads"])
 
 
 def got(case: dict[str, Any], field: str) -> np.ndarray:
-    return np.array(_decode(case["expected"][field]), np.float64)
+    return reference_array(case["expected"][field])
 
 
 def weights_field(key: str) -> tuple[str, str]:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import reference_array
 
 from softadapt_jax.gradients.aggregators import config as config_mod
 from softadapt_jax.gradients.aggregators import graddrop as graddrop_mod
@@ -37,12 +38,6 @@ RTOL = 1e-6
 CANCEL = 1e-12
 
 
-def _decode(x: Any) -> Any:
-    if isinstance(x, str):
-        return float(x)
-    return [_decode(v) for v in x] if isinstance(x, list) else x
-
-
 @functools.cache
 def _methods(name: str) -> dict[str, Any]:
     return json.loads((DATA / name).read_text())["methods"]
@@ -54,10 +49,6 @@ def torchjd(method: str) -> dict[str, Any]:
 
 def libmtl(method: str) -> dict[str, Any]:
     return _methods("libmtl_weightings.json")[method]
-
-
-def arr(x: Any) -> np.ndarray:
-    return np.array(_decode(x), np.float64)
 
 
 def groups(cases: list[dict[str, Any]], field: str = "J") -> list[list[dict[str, Any]]]:
@@ -126,33 +117,33 @@ def test_config_matches_torchjd(x64) -> None:
         k, n = np.shape(c["inputs"]["J"])
         grouped.setdefault((n, max(k, n)), []).append(c)
     for group in grouped.values():
-        js = [arr(c["inputs"]["J"]) for c in group]
+        js = [reference_array(c["inputs"]["J"]) for c in group]
         kmax = max(j.shape[0] for j in js)
         pad = np.stack([np.vstack([j, np.zeros((kmax - j.shape[0], j.shape[1]))]) for j in js])
-        want = [arr(c["expected"]["update"]) for c in group]
+        want = [reference_array(c["expected"]["update"]) for c in group]
         check_update(np.asarray(run(jnp.asarray(pad))), want, js, [c["id"] for c in group])
 
 
 def test_trimmed_mean_matches_torchjd(x64) -> None:
     run = jax.jit(jax.vmap(trimmed_mean_mod.trimmed_mean(trim_number=1)))
     for group in by_k(torchjd("TrimmedMean")["cases"]):
-        js = [arr(c["inputs"]["J"]) for c in group]
+        js = [reference_array(c["inputs"]["J"]) for c in group]
         got = np.asarray(run(jnp.asarray(padded(js)[0])))
         for g, j, c in zip(got, js, group, strict=True):
-            check_update([g[: j.shape[1]]], [arr(c["expected"]["update"])], [j], [c["id"]])
+            check_update([g[: j.shape[1]]], [reference_array(c["expected"]["update"])], [j], [c["id"]])
 
 
 def test_krum_matches_torchjd(x64) -> None:
     agg = krum_mod.krum(n_byzantine=1)
     rule = jax.jit(jax.vmap(agg.weighting))
     for group in by_k(torchjd("Krum")["cases"]):
-        js = [arr(c["inputs"]["J"]) for c in group]
+        js = [reference_array(c["inputs"]["J"]) for c in group]
         w = np.asarray(rule(jnp.stack([gramian_of(jnp.asarray(j)) for j in js])))
         # One-hot weights: exact equality, ties included (torch's nth_element replayed).
-        np.testing.assert_array_equal(w, np.stack([arr(c["expected"]["weights"]) for c in group]))
+        np.testing.assert_array_equal(w, np.stack([reference_array(c["expected"]["weights"]) for c in group]))
         check_update(
             [wi @ j for wi, j in zip(w, js, strict=True)],
-            [arr(c["expected"]["update"]) for c in group],
+            [reference_array(c["expected"]["update"]) for c in group],
             js,
             [c["id"] for c in group],
         )
@@ -169,15 +160,15 @@ def test_pcgrad_replays_references(x64, convention: str) -> None:
     ref = torchjd("PCGrad") if convention == "torchjd" else libmtl("PCGrad")
     field = "J" if convention == "torchjd" else "grads"
     for group in by_k(ref["cases"], field):
-        js = [arr(c["inputs"][field]) for c in group]
+        js = [reference_array(c["inputs"][field]) for c in group]
         if convention == "torchjd":
             orders = np.stack([np.array(c["expected"]["draws"]["randperm"], int) for c in group])
-            want_d = [arr(c["expected"]["update"]) for c in group]
-            want_w = np.stack([arr(c["expected"]["weights"]) for c in group])
+            want_d = [reference_array(c["expected"]["update"]) for c in group]
+            want_w = np.stack([reference_array(c["expected"]["weights"]) for c in group])
         else:
             orders = np.stack([np.array([d["after"] for d in c["expected"]["draws"]], int) for c in group])
-            want_d = [arr(c["expected"]["combined_grad"]) for c in group]
-            want_w = np.stack([arr(c["expected"]["returned_weights"]) for c in group])
+            want_d = [reference_array(c["expected"]["combined_grad"]) for c in group]
+            want_w = np.stack([reference_array(c["expected"]["returned_weights"]) for c in group])
         pad, ns = padded(js)
         d, w = run(jnp.asarray(pad), jnp.asarray(orders))
         w = np.asarray(w)
@@ -198,17 +189,17 @@ def test_gradvac_single_steps_replay_torchjd(x64) -> None:
 
     run = jax.jit(jax.vmap(one))
     for group in by_k(torchjd("GradVac")["cases"]):
-        js = [arr(c["inputs"]["J"]) for c in group]
+        js = [reference_array(c["inputs"]["J"]) for c in group]
         pad, ns = padded(js)
         orders = np.stack([others_orders(np.array(c["expected"]["draws"]["randperm"])) for c in group])
         d, w = run(jnp.asarray(pad), jnp.asarray(orders))
         w = np.asarray(w)
         np.testing.assert_allclose(
-            w, np.stack([arr(c["expected"]["weights"]) for c in group]), rtol=RTOL, atol=1e-12
+            w, np.stack([reference_array(c["expected"]["weights"]) for c in group]), rtol=RTOL, atol=1e-12
         )
         check_update(
             [x[:n] for x, n in zip(np.asarray(d), ns, strict=True)],
-            [arr(c["expected"]["update"]) for c in group],
+            [reference_array(c["expected"]["update"]) for c in group],
             js,
             [c["id"] for c in group],
             w,
@@ -231,14 +222,18 @@ def test_gradvac_sequences_replay_torchjd(x64) -> None:
 
     run = jax.jit(run_seq)
     for case in seqs:
-        js = arr(case["inputs"]["J_sequence"])
+        js = reference_array(case["inputs"]["J_sequence"])
         orders = np.stack([others_orders(np.array(d["randperm"])) for d in case["expected"]["draws"]])
         d, w = run(jnp.asarray(js), jnp.asarray(orders))
         np.testing.assert_allclose(
-            w, arr(case["expected"]["weights"]), rtol=RTOL, atol=1e-12, err_msg=case["id"]
+            w, reference_array(case["expected"]["weights"]), rtol=RTOL, atol=1e-12, err_msg=case["id"]
         )
         check_update(
-            np.asarray(d), arr(case["expected"]["updates"]), js, [case["id"]] * len(js), np.asarray(w)
+            np.asarray(d),
+            reference_array(case["expected"]["updates"]),
+            js,
+            [case["id"]] * len(js),
+            np.asarray(w),
         )
 
 
@@ -253,14 +248,16 @@ def test_gradvac_libmtl_single_steps(x64) -> None:
 
     run = jax.jit(jax.vmap(one))
     for group in by_k(libmtl("GradVac")["cases"], "grads"):
-        js = [arr(c["inputs"]["grads"]) for c in group]
+        js = [reference_array(c["inputs"]["grads"]) for c in group]
         pad, ns = padded(js)
         orders = np.stack([_libmtl_orders(c["expected"]["draws"]) for c in group])
         d = np.asarray(run(jnp.asarray(pad), jnp.asarray(orders)))
-        want = [arr(c["expected"]["combined_grad"]) for c in group]
+        want = [reference_array(c["expected"]["combined_grad"]) for c in group]
         # LibMTL returns no usable weights, so only the rounding-level cancellation atol applies.
         check_update([x[:n] for x, n in zip(d, ns, strict=True)], want, js, [c["id"] for c in group])
-        np.testing.assert_array_equal(np.stack([arr(c["expected"]["returned_weights"]) for c in group]), 1.0)
+        np.testing.assert_array_equal(
+            np.stack([reference_array(c["expected"]["returned_weights"]) for c in group]), 1.0
+        )
 
 
 def test_gradvac_libmtl_sequences(x64) -> None:
@@ -279,13 +276,18 @@ def test_gradvac_libmtl_sequences(x64) -> None:
     run = jax.jit(run_seq)
     for case in cases:
         steps, exp = case["inputs"]["per_step"], case["expected"]["per_step"]
-        js = np.stack([arr(s["grads"]) for s in steps])
+        js = np.stack([reference_array(s["grads"]) for s in steps])
         orders = np.stack([_libmtl_orders(e["draws"]) for e in exp])
         d, phi = run(jnp.asarray(js), jnp.asarray(orders))
         check_update(
-            np.asarray(d), np.stack([arr(e["combined_grad"]) for e in exp]), js, [case["id"]] * len(js)
+            np.asarray(d),
+            np.stack([reference_array(e["combined_grad"]) for e in exp]),
+            js,
+            [case["id"]] * len(js),
         )
-        np.testing.assert_allclose(phi, np.stack([arr(e["rho_T"]) for e in exp]), rtol=RTOL, atol=1e-12)
+        np.testing.assert_allclose(
+            phi, np.stack([reference_array(e["rho_T"]) for e in exp]), rtol=RTOL, atol=1e-12
+        )
 
 
 # --- GradDrop --------------------------------------------------------------------------------------------
@@ -294,11 +296,11 @@ def test_gradvac_libmtl_sequences(x64) -> None:
 def test_graddrop_replays_torchjd(x64) -> None:
     run = jax.jit(jax.vmap(graddrop_mod.graddrop_direction))
     for group in by_k(torchjd("GradDrop")["cases"]):
-        js = [arr(c["inputs"]["J"]) for c in group]
+        js = [reference_array(c["inputs"]["J"]) for c in group]
         pad, ns = padded(js)
-        u = padded([arr(c["expected"]["draws"]["rand"]) for c in group])[0]
+        u = padded([reference_array(c["expected"]["draws"]["rand"]) for c in group])[0]
         got = np.asarray(run(jnp.asarray(pad), jnp.asarray(u)))
-        want = [arr(c["expected"]["update"]) for c in group]
+        want = [reference_array(c["expected"]["update"]) for c in group]
         check_update([x[:n] for x, n in zip(got, ns, strict=True)], want, js, [c["id"] for c in group])
 
 
@@ -310,21 +312,27 @@ def test_graddrop_rep_grad_replays_libmtl(x64) -> None:
         ).append(c)
     run = jax.jit(jax.vmap(lambda g, r, u, lk: graddrop_mod.graddrop_rep_grad(g, r, u, leak=lk)))
     for group in by_shape.values():
-        grads = np.stack([arr(c["inputs"]["per_task_rep_grads"]) for c in group])
-        x = np.stack([arr(c["inputs"]["x"]) for c in group])
-        rep = np.einsum("cbi,cdi->cbd", x, np.stack([arr(c["inputs"]["encoder_weight"]) for c in group]))
-        np.testing.assert_allclose(
-            rep, np.stack([arr(c["expected"]["rep"]) for c in group]), rtol=1e-12, atol=1e-14
+        grads = np.stack([reference_array(c["inputs"]["per_task_rep_grads"]) for c in group])
+        x = np.stack([reference_array(c["inputs"]["x"]) for c in group])
+        rep = np.einsum(
+            "cbi,cdi->cbd", x, np.stack([reference_array(c["inputs"]["encoder_weight"]) for c in group])
         )
-        u = np.stack([arr(c["expected"]["draws"][0]["value"]) for c in group])
+        np.testing.assert_allclose(
+            rep, np.stack([reference_array(c["expected"]["rep"]) for c in group]), rtol=1e-12, atol=1e-14
+        )
+        u = np.stack([reference_array(c["expected"]["draws"][0]["value"]) for c in group])
         leak = np.array([c["kwargs"]["leak"] for c in group])
         got = np.asarray(run(jnp.asarray(grads), jnp.asarray(rep), jnp.asarray(u), jnp.asarray(leak)))
         for g, xx, c in zip(got, x, group, strict=True):
             np.testing.assert_allclose(
-                g, arr(c["expected"]["rep_backward_grad"]), rtol=RTOL, atol=1e-12, err_msg=c["id"]
+                g, reference_array(c["expected"]["rep_backward_grad"]), rtol=RTOL, atol=1e-12, err_msg=c["id"]
             )
             np.testing.assert_allclose(
-                g.T @ xx, arr(c["expected"]["shared_param_grad"]), rtol=RTOL, atol=1e-12, err_msg=c["id"]
+                g.T @ xx,
+                reference_array(c["expected"]["shared_param_grad"]),
+                rtol=RTOL,
+                atol=1e-12,
+                err_msg=c["id"],
             )
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import decode_special
 
 from softadapt_jax.gradients.aggregators.excess_mtl import excess_mtl, excess_mtl_step
 from softadapt_jax.gradients.aggregators.nash_mtl import NashMTLState, nash_mtl, nash_mtl_step
@@ -25,22 +26,11 @@ from softadapt_jax.gradients.aggregators.pcd import PCDState, pcd, pcd_step
 
 DATA = pathlib.Path(__file__).parent / "data"
 _PAD = 100  # widest recorded n
-_SPECIAL = {"NaN": np.nan, "Infinity": np.inf, "-Infinity": -np.inf}
-
-
-def _decode(x):
-    if isinstance(x, str):
-        return _SPECIAL.get(x, x)
-    if isinstance(x, list):
-        return [_decode(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _decode(v) for k, v in x.items()}
-    return x
 
 
 @functools.cache
 def _methods(name: str) -> dict:
-    return _decode(json.loads((DATA / name).read_text()))["methods"]
+    return decode_special(json.loads((DATA / name).read_text()))["methods"]
 
 
 def _torchjd(method: str) -> list[dict]:

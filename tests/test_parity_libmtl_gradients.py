@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import reference_array
 
 from softadapt_jax.gradients import (
     cagrad,
@@ -61,12 +62,6 @@ SLSQP_FTOL = 1e-6  # scipy's default, absolute
 NORMALIZATIONS = {"MGDA": "none", "MGDA-l2": "l2", "MGDA-loss": "loss", "MGDA-loss+": "loss+"}
 
 
-def _decode(x: Any) -> Any:
-    if isinstance(x, str):
-        return float(x)  # "NaN", "Infinity", "-Infinity"
-    return [_decode(v) for v in x] if isinstance(x, list) else x
-
-
 @functools.cache
 def _methods() -> dict[str, Any]:
     return json.loads(DATA.read_text())["methods"]
@@ -81,7 +76,7 @@ def groups(method: str) -> list[list[dict[str, Any]]]:
 
 
 def arrays(group: list[dict[str, Any]], where: str, field: str) -> list[np.ndarray]:
-    return [np.array(_decode(c[where][field]), np.float64) for c in group]
+    return [reference_array(c[where][field]) for c in group]
 
 
 def grams(gs: list[np.ndarray]) -> jax.Array:
@@ -165,7 +160,7 @@ def test_mgda_replays_libmtl(method: str, x64) -> None:
         ill = _perturbed_weights(norm, gs, losses, w)
         for i, case in enumerate(group):
             label, g = case["id"], gs[i]
-            want = np.array(_decode(case["expected"]["combined_grad"]), np.float64)
+            want = reference_array(case["expected"]["combined_grad"])
             total += 1
             assert np.all(np.isfinite(coef[i])) and np.all(w[i] >= 0), label
             np.testing.assert_allclose(w[i].sum(), 1.0, rtol=1e-12, err_msg=label)

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import reference_array
 
 from softadapt_jax.gradients.aggregators.db_mtl import DBMTLState, db_mtl, db_mtl_weights
 from softadapt_jax.gradients.aggregators.famo import famo, famo_update_weights, famo_weights
@@ -49,18 +50,6 @@ from softadapt_jax.gradients.aggregators.stch import stch, stch_nadir
 
 DATA = pathlib.Path(__file__).parent / "data" / "libmtl_weightings.json"
 RTOL = 1e-6
-
-
-def _decode(x: Any) -> Any:
-    if isinstance(x, list):
-        return [_decode(v) for v in x]
-    if isinstance(x, str):
-        return {"NaN": np.nan, "Infinity": np.inf, "-Infinity": -np.inf}[x]
-    return x
-
-
-def _arr(x: Any) -> np.ndarray:
-    return np.asarray(_decode(x), dtype=np.float64)
 
 
 @functools.lru_cache(maxsize=1)
@@ -126,12 +115,12 @@ def _sequence_case(method: str, case: dict[str, Any], nan_step: int | None = Non
     inp = case["inputs"]
     k, n = inp["K"], inp["n_shared_params"]
     steps = inp["per_step"]
-    losses = _arr([p["losses"] for p in steps])
+    losses = reference_array([p["losses"] for p in steps])
     if "grads" in steps[0]:
-        jacs = _arr([p["grads"] for p in steps])
+        jacs = reference_array([p["grads"] for p in steps])
     else:  # loss-level methods: g_k = e_k
         jacs = np.broadcast_to(np.eye(k), (len(steps), k, k)).copy()
-    after = _arr([p.get("losses_after_step", p["losses"]) for p in steps])
+    after = reference_array([p.get("losses_after_step", p["losses"]) for p in steps])
     if nan_step is not None:  # a NaN in one gradient entry of one step
         jacs[(nan_step,) + (0,) * (jacs.ndim - 2) + (-1,)] = np.nan
     d, before, new, extra = _scan_runner(method)(
@@ -161,7 +150,7 @@ def test_sequences_match_libmtl(x64, method):
     assert len(cases) == 2
     for case in cases:
         jacs, steps, exp, d, before, new, extra = _sequence_case(method, case)
-        exp_grad = _arr([e["combined_grad"] for e in exp])
+        exp_grad = reference_array([e["combined_grad"] for e in exp])
         t = len(exp)
         assert d.shape == exp_grad.shape == (t, jacs.shape[-1])
         what = f"{case['id']}"
@@ -169,39 +158,55 @@ def test_sequences_match_libmtl(x64, method):
             # combined_grad is the coefficient vector (g = identity): plain rtol.
             _close(d, exp_grad, what=f"{what} coefficients")
         elif method == "DB_MTL":
-            buf = _arr([e["grad_buffer"] for e in exp])
+            buf = reference_array([e["grad_buffer"] for e in exp])
             _close(new.grad_buffer, buf, atol=1e-12 * np.abs(buf).max(), what=f"{what} grad_buffer")
             _close(d, exp_grad, atol=_update_atol(extra, buf), what=f"{what} combined_grad")
         elif method == "MoCo":
-            y = _arr([e["y"] for e in exp])
+            y = reference_array([e["y"] for e in exp])
             _close(new.y, y, atol=1e-12 * np.abs(y).max(), what=f"{what} y")
-            _close(new.lambd, _arr([e["lambd"] for e in exp]), what=f"{what} lambd")
-            _close(new.lambd, _arr([e["returned_weights"] for e in exp]), what=f"{what} returned_weights")
+            _close(new.lambd, reference_array([e["lambd"] for e in exp]), what=f"{what} lambd")
+            _close(
+                new.lambd,
+                reference_array([e["returned_weights"] for e in exp]),
+                what=f"{what} returned_weights",
+            )
             _close(d, exp_grad, atol=_update_atol(np.asarray(new.lambd), y), what=f"{what} combined_grad")
         elif method == "MoDo":
-            lam = _arr([e["lambd"] for e in exp])
+            lam = reference_array([e["lambd"] for e in exp])
             # The simplex projection sets weights to exactly 0: an absolute floor of 1e-12.
             _close(new.lambd, lam, atol=1e-12, what=f"{what} lambd")
-            _close(new.lambd, _arr([e["returned_weights"] for e in exp]), atol=1e-12, what=f"{what} returned")
+            _close(
+                new.lambd,
+                reference_array([e["returned_weights"] for e in exp]),
+                atol=1e-12,
+                what=f"{what} returned",
+            )
             _close(d, exp_grad, atol=_update_atol(lam, jacs[:, 2]), what=f"{what} combined_grad")
         elif method == "SDMGrad":
-            w = _arr([e["w"] for e in exp])
+            w = reference_array([e["w"] for e in exp])
             _close(new.w, w, atol=1e-12, what=f"{what} w")
             zeta = jacs[:, 0]
             coeffs = (w + 0.3 / w.shape[-1]) / 1.3
             _close(d, exp_grad, atol=_update_atol(coeffs, zeta), what=f"{what} combined_grad")
         elif method == "IMTL-seq":
-            s_before = _arr([p["loss_scale_before"] for p in steps])
+            s_before = reference_array([p["loss_scale_before"] for p in steps])
             _close(before.loss_scale, s_before, atol=1e-15, what=f"{what} loss_scale_before")
             _close(
-                new.loss_scale_grad, _arr([e["loss_scale.grad"] for e in exp]), what=f"{what} loss_scale.grad"
+                new.loss_scale_grad,
+                reference_array([e["loss_scale.grad"] for e in exp]),
+                what=f"{what} loss_scale.grad",
             )
             _close(
-                new.loss_scale, _arr([e["loss_scale_after_sgd"] for e in exp]), atol=1e-15, what=f"{what} s"
+                new.loss_scale,
+                reference_array([e["loss_scale_after_sgd"] for e in exp]),
+                atol=1e-15,
+                what=f"{what} s",
             )
             scaled = np.exp(s_before)[..., None] * jacs
             alpha = extra
-            _close(alpha, _arr([e["returned_weights"] for e in exp]), what=f"{what} returned_weights")
+            _close(
+                alpha, reference_array([e["returned_weights"] for e in exp]), what=f"{what} returned_weights"
+            )
             _close(d, exp_grad, atol=_update_atol(alpha, scaled), what=f"{what} combined_grad")
         if method in ("MoCo", "MoDo", "SDMGrad"):
             w = np.asarray(new.w if method == "SDMGrad" else new.lambd)
@@ -212,14 +217,24 @@ def test_sequences_match_libmtl(x64, method):
             rec = [i for i, e in enumerate(exp) if e["nadir_vector"] is not None]
             assert rec, "the STCH sequence should pass its warm-up"
             nadir = extra[rec]
-            _close(nadir, _arr([exp[i]["nadir_vector"] for i in rec]), what=f"{what} nadir_vector")
+            _close(nadir, reference_array([exp[i]["nadir_vector"] for i in rec]), what=f"{what} nadir_vector")
         if method == "FAMO":
-            _close(before.logits, _arr([p["w_before"] for p in steps]), atol=1e-15, what=f"{what} w_before")
-            _close(new.logits, _arr([e["w_after_update_w"] for e in exp]), atol=1e-15, what=f"{what} w after")
+            _close(
+                before.logits,
+                reference_array([p["w_before"] for p in steps]),
+                atol=1e-15,
+                what=f"{what} w_before",
+            )
+            _close(
+                new.logits,
+                reference_array([e["w_after_update_w"] for e in exp]),
+                atol=1e-15,
+                what=f"{what} w after",
+            )
         if method == "GLS":
             # LibMTL's *returned* weights L_k / (K prod L) are not its coefficients (README): ours are.
-            losses = _arr([p["losses"] for p in steps])
-            assert not np.allclose(_arr([e["returned_weights"] for e in exp]), exp_grad)
+            losses = reference_array([p["losses"] for p in steps])
+            assert not np.allclose(reference_array([e["returned_weights"] for e in exp]), exp_grad)
             _close(jax.jit(jax.vmap(gls_weights))(jnp.asarray(losses)), exp_grad, what=f"{what} gls_weights")
 
 
@@ -263,11 +278,13 @@ def test_imtl_single_steps_match_libmtl(x64):
         n_max = max(len(c["inputs"]["grads"][0]) for c in cases)
         jacs = np.stack(
             [
-                np.pad(_arr(c["inputs"]["grads"]), ((0, 0), (0, n_max - len(c["inputs"]["grads"][0]))))
+                np.pad(
+                    reference_array(c["inputs"]["grads"]), ((0, 0), (0, n_max - len(c["inputs"]["grads"][0])))
+                )
                 for c in cases
             ]
         )
-        losses = np.stack([_arr(c["inputs"]["losses"]) for c in cases])
+        losses = np.stack([reference_array(c["inputs"]["losses"]) for c in cases])
         d, s_grad, alpha = (
             np.asarray(a) for a in _imtl_single_runner()(jnp.asarray(jacs), jnp.asarray(losses))
         )
@@ -276,18 +293,18 @@ def test_imtl_single_steps_match_libmtl(x64):
             g, di = jacs[i, :, :n], d[i, :n]
             assert np.all(d[i, n:] == 0)
             assert np.all(np.isfinite(di)), cid
-            if "raises" in exp or not np.all(np.isfinite(_arr(exp["combined_grad"]))):
+            if "raises" in exp or not np.all(np.isfinite(reference_array(exp["combined_grad"]))):
                 # LibMTL raised LinAlgError (duplicate rows) or gave NaN (a zero row): our
                 # documented fallback, the mean of the (unscaled, s = 0) gradients.
                 assert "LinAlgError" in exp.get("raises", "LinAlgError")
                 assert case["kind"] in ("zero_row", "zero_matrix", "duplicate"), cid
                 np.testing.assert_allclose(di, g.mean(axis=0), rtol=1e-12, atol=1e-300)
                 if "loss_scale.grad" in exp:
-                    _close(s_grad[i], _arr(exp["loss_scale.grad"]), what=f"{cid} loss_scale.grad")
+                    _close(s_grad[i], reference_array(exp["loss_scale.grad"]), what=f"{cid} loss_scale.grad")
                 counts["fallback"] += 1
                 continue
-            _close(s_grad[i], _arr(exp["loss_scale.grad"]), what=f"{cid} loss_scale.grad")
-            ref_alpha = _arr(exp["returned_weights"])
+            _close(s_grad[i], reference_array(exp["loss_scale.grad"]), what=f"{cid} loss_scale.grad")
+            ref_alpha = reference_array(exp["returned_weights"])
             scale = _update_atol(ref_alpha, g)
             if _ill_conditioned(g):
                 # D U^T is (nearly) singular (K > n, exact +-pairs, rank 1): LibMTL's explicit
@@ -303,7 +320,7 @@ def test_imtl_single_steps_match_libmtl(x64):
                 continue
             # Weights that are zero up to rounding (exact cancellations): an absolute 1e-12 floor.
             _close(alpha[i], ref_alpha, atol=1e-12 * np.abs(ref_alpha).max(), what=f"{cid} returned_weights")
-            _close(di, _arr(exp["combined_grad"]), atol=scale, what=f"{cid} combined_grad")
+            _close(di, reference_array(exp["combined_grad"]), atol=scale, what=f"{cid} combined_grad")
             counts["matched"] += 1
     assert sum(counts.values()) == len(_methods()["IMTL"]["cases"])
     assert counts["matched"] >= 25 and counts["fallback"] >= 7, counts

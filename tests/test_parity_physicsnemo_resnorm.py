@@ -221,7 +221,7 @@ def test_init_dtype_follows_x64(x64) -> None:
 def test_errors() -> None:
     with pytest.raises(ValueError, match="`num_losses`"):
         resnorm(num_losses=0)
-    with pytest.raises(ValueError, match="`alpha` must be a finite float >= 0"):
+    with pytest.raises(ValueError, match="`alpha` must be a finite number >= 0"):
         resnorm(num_losses=2, alpha=-1.0)
     with pytest.raises(ValueError, match="`per_component` must be a bool"):
         resnorm(num_losses=2, per_component=1)

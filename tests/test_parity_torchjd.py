@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import reference_array
 
 from softadapt_jax.gradients import (
     cagrad_coefficients,
@@ -56,12 +57,6 @@ RTOL = 1e-6
 CLARABEL_GAP = 1e-8  # CLARABEL's default tol_gap_abs / tol_gap_rel
 OUR_GAP = 1e-12  # cagrad_weights' default duality gap
 PERTURBATION = 1e-15
-
-
-def _decode(x: Any) -> Any:
-    if isinstance(x, str):
-        return float(x)  # "NaN", "Infinity", "-Infinity"
-    return [_decode(v) for v in x] if isinstance(x, list) else x
 
 
 @functools.cache
@@ -82,11 +77,11 @@ def by_k(method: str) -> dict[int, list[dict[str, Any]]]:
 
 
 def jac(case: dict[str, Any]) -> np.ndarray:
-    return np.array(_decode(case["inputs"]["J"]), np.float64)
+    return reference_array(case["inputs"]["J"])
 
 
 def expected(case: dict[str, Any], field: str) -> np.ndarray:
-    return np.array(_decode(case["expected"][field]), np.float64)
+    return reference_array(case["expected"][field])
 
 
 def grams(js: list[np.ndarray]) -> jax.Array:

@@ -214,15 +214,15 @@ def test_poisson_1d_trains_without_nan() -> None:
 def test_errors() -> None:
     with pytest.raises(ValueError, match="`mask` must be one of"):
         sa_mask("cubic")
-    with pytest.raises(ValueError, match="`q` must be a positive finite float"):
+    with pytest.raises(ValueError, match="`q` must be a finite number > 0"):
         sa_mask("polynomial", q=0.0)
-    with pytest.raises(ValueError, match="`c` must be a positive finite float"):
+    with pytest.raises(ValueError, match="`c` must be a finite number > 0"):
         sa_mask("sigmoid", c=-1.0)
     with pytest.raises(ValueError, match="`num_points` must be a non-empty mapping"):
         sa_init({})
     with pytest.raises(ValueError, match=r"`num_points\['res'\]` must be an integer >= 1"):
         sa_init({"res": 0})
-    with pytest.raises(ValueError, match="`init` must be a finite float >= 0"):
+    with pytest.raises(ValueError, match="`init` must be a finite number >= 0"):
         sa_init({"res": 2}, init=-1.0)
     with pytest.raises(ValueError, match=r"`init` has no value for the terms \['bc'\]"):
         sa_init({"res": 2, "bc": 1}, init={"res": 1.0})

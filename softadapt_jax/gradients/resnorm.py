@@ -26,9 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from softadapt_jax._checks import check_positive_int, check_vector
+from softadapt_jax._checks import check_float, check_positive_int, check_vector
 from softadapt_jax.gradients.gradnorm import (
-    _check_float,
     _combine,
     _prepare_param,
     _weight_map,
@@ -134,7 +133,7 @@ def resnorm(
       >>> tx = optax.chain(resnorm(num_losses=3), optax.adam(1e-3))
     """
     k = check_positive_int(num_losses, "num_losses")
-    alpha = _check_float(alpha, "alpha", minimum=0.0)
+    alpha = check_float(alpha, "alpha", low=0.0)
     if not isinstance(per_component, bool):
         raise ValueError(f"`per_component` must be a bool, got {per_component!r}.")
     opt = optax.adam(1e-2) if weight_optimizer is None else weight_optimizer

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from softadapt_jax._checks import as_float_array
+from softadapt_jax._checks import as_float_array, check_vector
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,12 +93,7 @@ def check_losses(losses: Any, k: int, agg_name: str) -> jax.Array:
     """``losses`` as a float vector ``[k]``, or a ValueError saying that ``agg_name`` needs them."""
     if losses is None:
         raise ValueError(f"aggregator {agg_name!r} reads the current losses: pass `losses=` of shape ({k},).")
-    arr = as_float_array(losses, "losses")
-    if arr.shape != (k,):
-        raise ValueError(
-            f"`losses` must have shape ({k},) to match the jacobian's {k} rows, got {tuple(arr.shape)}."
-        )
-    return arr
+    return check_vector(losses, "losses", k)
 
 
 def gramian_of(jacobian: jax.Array) -> jax.Array:
@@ -106,30 +101,22 @@ def gramian_of(jacobian: jax.Array) -> jax.Array:
     return jnp.matmul(jacobian, jacobian.T, precision=jax.lax.Precision.HIGHEST)
 
 
-def from_weighting(
-    name: str,
-    weighting: Callable[[jax.Array], jax.Array],
-    *,
-    wrap: Callable[[jax.Array], jax.Array] | None = None,
-) -> Aggregator:
+def from_weighting(name: str, weighting: Callable[[jax.Array], jax.Array]) -> Aggregator:
     """A stateless aggregator ``J -> weighting(J J^T) @ J``.
 
     Args:
       name: the registry name.
       weighting: ``gramian [K, K] -> weights [K]``, pure and jittable.
-      wrap: optional ``weights -> weights`` applied after ``weighting`` (kept
-        separate so the adapter's Gramian route and the Jacobian route agree).
 
     Returns:
-      An :class:`Aggregator` whose ``weighting`` is ``weighting`` (composed
-      with ``wrap``).
+      An :class:`Aggregator` whose ``weighting`` is ``weighting`` (the optax
+      adapter's Gramian route uses it without forming ``J``).
     """
-    full = weighting if wrap is None else (lambda g: wrap(weighting(g)))
 
     def update(jacobian: Any, state: Any, *, losses: Any = None, key: Any = None) -> tuple[jax.Array, Any]:
         del losses, key
         j = check_jacobian(jacobian)
-        w = full(gramian_of(j))
+        w = weighting(gramian_of(j))
         return jnp.matmul(w.astype(j.dtype), j, precision=jax.lax.Precision.HIGHEST), state
 
-    return Aggregator(name=name, init=no_state, update=update, weighting=full)
+    return Aggregator(name=name, init=no_state, update=update, weighting=weighting)
