@@ -472,7 +472,9 @@ def plot_error_curves(results: list[MethodResult], path: Path, title: str) -> Pa
         curve = np.where(r.error_curve > 0, r.error_curve, np.nan)
         centre = np.exp(np.nanmean(np.log(curve), axis=0))
         (line,) = ax.semilogy(r.curve_steps, centre, lw=2, label=f"{r.name} ({geometric_mean(r.errors):.2e})")
-        ax.fill_between(r.curve_steps, np.nanmin(curve, 0), np.nanmax(curve, 0), color=line.get_color(), alpha=0.2)
+        ax.fill_between(
+            r.curve_steps, np.nanmin(curve, 0), np.nanmax(curve, 0), color=line.get_color(), alpha=0.2
+        )
     ax.set_xlabel("training step")
     ax.set_ylabel("relative L2 error")
     ax.set_title(f"{title}\n(line: geometric mean over seeds; band: best to worst seed)")
@@ -524,7 +526,9 @@ def save_plots(problem: Problem, results: list[MethodResult], out: Path, title: 
 
     def show(ax: Any, values: np.ndarray, label: str, **kw: Any) -> None:
         if on_grid:
-            image = ax.pcolormesh(first, second, values.reshape(first.size, second.size).T, shading="auto", **kw)
+            image = ax.pcolormesh(
+                first, second, values.reshape(first.size, second.size).T, shading="auto", **kw
+            )
         else:
             image = ax.scatter(points[:, 0], points[:, 1], c=values, s=2, **kw)
         ax.set_title(label)
@@ -544,7 +548,9 @@ def save_plots(problem: Problem, results: list[MethodResult], out: Path, title: 
     error_max = max(float(np.max(np.abs(p - u_ref))) for p in preds)
     for i, (r, pred) in enumerate(zip(shown, preds, strict=True)):
         show(axes[1 + 2 * i], pred, f"{r.name} (seed 0)", **signed)
-        show(axes[2 + 2 * i], np.abs(pred - u_ref), f"|error|, {r.name}", cmap="magma", vmin=0, vmax=error_max)
+        show(
+            axes[2 + 2 * i], np.abs(pred - u_ref), f"|error|, {r.name}", cmap="magma", vmin=0, vmax=error_max
+        )
     fig.tight_layout()
     paths.append(out / f"pinn_{problem.name}_solution.png")
     fig.savefig(paths[-1], dpi=110)
@@ -570,7 +576,9 @@ def _build_parser(setup: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--methods", default=preset["methods"], help="comma-separated method names, or 'all'")
     parser.add_argument("--steps", type=int, default=preset["steps"], help="training steps per run")
-    parser.add_argument("--seeds", type=int, default=preset["seeds"], help="seeds per method (trained together)")
+    parser.add_argument(
+        "--seeds", type=int, default=preset["seeds"], help="seeds per method (trained together)"
+    )
     parser.add_argument("--seed0", type=int, default=0, help="first seed")
     parser.add_argument("--lr", type=float, default=preset["lr"], help="initial Adam learning rate")
     parser.add_argument(
@@ -579,7 +587,9 @@ def _build_parser(setup: str) -> argparse.ArgumentParser:
         default=preset["decay_rate"],
         help="learning rate factor per --decay-steps, applied continuously (1 = constant)",
     )
-    parser.add_argument("--decay-steps", type=int, default=preset["decay_steps"], help="steps per decay factor")
+    parser.add_argument(
+        "--decay-steps", type=int, default=preset["decay_steps"], help="steps per decay factor"
+    )
     parser.add_argument(
         "--groups",
         default=preset["groups"],
@@ -587,7 +597,9 @@ def _build_parser(setup: str) -> argparse.ArgumentParser:
         help="'problem': terms the paper weights together share one weight (the authors' Helmholtz: "
         "K = 2); 'none': one weight per term",
     )
-    parser.add_argument("--chunk", type=int, default=preset["chunk"], help="steps per jitted chunk (error curve)")
+    parser.add_argument(
+        "--chunk", type=int, default=preset["chunk"], help="steps per jitted chunk (error curve)"
+    )
     parser.add_argument(
         "--hidden",
         default=preset.get("hidden"),
@@ -639,7 +651,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         print("\n".join(registry))
         raise SystemExit(0)
     problems = (
-        list(PROBLEM_NAMES) if args.problem == "all" else [p.strip() for p in args.problem.split(",") if p.strip()]
+        list(PROBLEM_NAMES)
+        if args.problem == "all"
+        else [p.strip() for p in args.problem.split(",") if p.strip()]
     )
     for p in problems or [args.problem]:
         if p not in PROBLEM_NAMES:
@@ -718,7 +732,9 @@ def merge_results(paths: Sequence[Path], out: Path, plots: bool = True) -> list[
             errors = np.asarray(m["errors"])
             if name in results:
                 if name == "fixed" and not np.allclose(results[name].errors, errors, rtol=1e-6):
-                    raise ValueError(f"fixed weights differ between files: {results[name].errors} vs {errors}")
+                    raise ValueError(
+                        f"fixed weights differ between files: {results[name].errors} vs {errors}"
+                    )
                 continue
             results[name] = MethodResult(
                 name=name,
@@ -741,7 +757,9 @@ def merge_results(paths: Sequence[Path], out: Path, plots: bool = True) -> list[
     stem = Path(paths[0]).name.removesuffix("_results.json")
     (out / f"{stem}_merged.md").write_text(text)
     if plots:
-        print(f"saved {plot_error_curves(merged, out / f'{stem}_merged_error_curve.png', title.split(':')[0])}")
+        print(
+            f"saved {plot_error_curves(merged, out / f'{stem}_merged_error_curve.png', title.split(':')[0])}"
+        )
     return merged
 
 

@@ -198,24 +198,10 @@ def softadapt(
       ...     return optax.apply_updates(params, updates), opt_state
       >>> params, opt_state = step(params, opt_state)
     """
-    balancer = softadapt_balancer(
-        beta,
-        num_losses=num_losses,
-        variant=variant,
-        window=window,
-        accuracy_order=accuracy_order,
-        update_every=update_every,
-        accumulate=accumulate,
-        setpoint=setpoint,
-        stencil=stencil,
-        scale=scale,
-        relative_to=relative_to,
-        normalization=normalization,
-        sum_to_k=sum_to_k,
-        eps=eps,
-        dtype=dtype,
-    )
-    return balance(balancer, per_component=per_component)
+    # Every argument but per_component is softadapt_balancer's, under the same name: the shortcut
+    # passes them on as given (locals() holds only the arguments here, as the body's first line).
+    arguments = {name: value for name, value in locals().items() if name != "per_component"}
+    return balance(softadapt_balancer(**arguments), per_component=per_component)
 
 
 def find_balancer_states(opt_state: Any) -> list[BalancerState]:

@@ -3,7 +3,9 @@
 Each method's formula is re-implemented in NumPy float64 and driven by a NumPy
 copy of the shared scheduling of ``make_balancer`` (history window, ``accumulate``,
 ``update_every``, warm-up, set-point). PRNG-driven methods replay the same
-``jax.random`` calls on the same raw keys to get the same draws.
+``jax.random`` calls on the same raw keys to get the same draws. The properties
+every balancer shares (scale, set-point, non-finite losses, shared option checks)
+are in ``test_contract.py``.
 """
 
 from __future__ import annotations
@@ -46,17 +48,6 @@ FACTORIES: dict[str, Callable[..., Balancer]] = {
     "dwa": dwa_balancer,
     "uncertainty": uncertainty_balancer,
     "rlw": rlw_balancer,
-}
-CONSTANT_SUM = ("fixed", "ratio", "relobralo", "dwa", "rlw")
-# The configuration of each method used by the tests of every method (shared with
-# one hand computation each, to compile as few balancers as possible).
-GENERIC: dict[str, dict[str, Any]] = {
-    "fixed": {},
-    "ratio": {},
-    "relobralo": {"expected_rho": 0.5, "seed": 3},
-    "dwa": {},
-    "uncertainty": {},
-    "rlw": {"seed": 5, "update_every": 2},
 }
 
 
@@ -216,7 +207,7 @@ def test_ratio_softadapt_zero_previous_loss_is_finite():
 @pytest.mark.parametrize(
     "cfg",
     [
-        GENERIC["relobralo"],
+        {"expected_rho": 0.5, "seed": 3},
         {"alpha": 0.9, "tau": 1.0, "expected_rho": 0.5, "seed": 1, "update_every": 2, "setpoint": SETPOINT},
         {"convention": "physicsnemo", "tau": 0.5, "expected_rho": 0.5, "seed": 2},
     ],
@@ -363,7 +354,7 @@ def test_uncertainty_zero_loss_is_clipped():
 @pytest.mark.parametrize(
     "cfg",
     [
-        GENERIC["rlw"],
+        {"seed": 5, "update_every": 2},
         {"distribution": "uniform", "seed": 5, "setpoint": SETPOINT},
         {"distribution": "dirichlet"},
     ],
@@ -404,75 +395,6 @@ def test_rlw_hand(cfg):
         np.testing.assert_array_equal(ws[0, 1], ws[0, 2])
 
 
-# --------------------------------------------------------------------------- every method
-
-
-@pytest.mark.parametrize("name", list(FACTORIES))
-def test_weights_on_declared_scale(name):
-    b = make(name, **GENERIC[name])
-    ws, _ = run(b)
-    assert np.all(np.isfinite(ws)) and np.all(ws >= 0)
-    np.testing.assert_allclose(b.init().weights.sum(), b.weights_sum, rtol=1e-6)
-    if name in CONSTANT_SUM:
-        np.testing.assert_allclose(ws.sum(axis=-1), b.weights_sum, rtol=1e-5)
-    else:  # uncertainty: only the warm-up / initial weights sum to weights_sum
-        assert np.all(ws > 0) and not np.allclose(ws.sum(axis=-1), b.weights_sum)
-
-
-# The configurations with a set-point among the hand computations above, where the
-# reference multiplies the hand-computed weights by the set-point.
-SETPOINT_CFGS = {
-    "fixed": {"weights": (1.0, 2.0, 0.25), "setpoint": SETPOINT},
-    "ratio": {"accumulate": 2, "update_every": 3, "setpoint": SETPOINT},
-    "relobralo": {
-        "alpha": 0.9,
-        "tau": 1.0,
-        "expected_rho": 0.5,
-        "seed": 1,
-        "update_every": 2,
-        "setpoint": SETPOINT,
-    },
-    "dwa": {"temperature": 0.5, "average_over": 2, "update_every": 3, "setpoint": SETPOINT},
-    "uncertainty": {"form": "regression", "optimizer": SGD, "setpoint": SETPOINT},
-    "rlw": {"distribution": "uniform", "seed": 5, "setpoint": SETPOINT},
-}
-
-
-@pytest.mark.parametrize("name", list(FACTORIES))
-def test_setpoint_multiplies_weights(name):
-    """The hand computations of ``SETPOINT_CFGS`` check ``weights = setpoint * formula`` step by step;
-    here: from ``init()`` on, and on the declared scale once divided by the set-point."""
-    cfg = SETPOINT_CFGS[name]
-    b = make(name, **cfg)
-    unweighted = {key: v for key, v in cfg.items() if key != "setpoint"}
-    b_plain = FACTORIES[name](num_losses=K, **unweighted)
-    np.testing.assert_allclose(b.init().weights, b_plain.init().weights * np.array(SETPOINT), **TOL)
-    ws, _ = run(b)
-    if name in CONSTANT_SUM:
-        np.testing.assert_allclose(raw(ws, cfg).sum(axis=-1), b.weights_sum, rtol=1e-5)
-
-
-@pytest.mark.parametrize("name", list(FACTORIES))
-def test_non_finite_losses_leave_state_intact(name):
-    b = make(name, **GENERIC[name])
-    losses = LOSSES.copy()
-    bad_steps = {3: np.nan, 4: np.inf, 6: -np.inf}
-    for t, bad in bad_steps.items():
-        losses[t, t % K] = bad
-    # Second stream: the same losses with the bad rows removed (padded at the end).
-    keep = [t for t in range(len(losses)) if t not in bad_steps]
-    clean = np.concatenate([LOSSES[keep], LOSSES[: len(bad_steps)]])
-    ws, states = run(b, losses, clean)
-    np.testing.assert_array_equal(states.rejected[0], np.cumsum([t in bad_steps for t in range(len(losses))]))
-    for t in bad_steps:
-        before = jax.tree.map(lambda x, t=t: x[0, t - 1], states)
-        after = jax.tree.map(lambda x, t=t: x[0, t], states)
-        np.testing.assert_array_equal(ws[0, t], before.weights)
-        jax.tree.map(np.testing.assert_array_equal, after._replace(rejected=before.rejected), before)
-    # The accepted steps are those of the clean stream.
-    np.testing.assert_allclose(ws[0, keep], ws[1, : len(keep)], rtol=1e-6, atol=1e-7)
-
-
 # --------------------------------------------------------------------------- validation
 
 # (factory, kwargs, exception, message regex) for every error the docstrings promise.
@@ -496,29 +418,12 @@ ERRORS = [
     ("rlw", {"distribution": "beta"}, ValueError, r"`distribution` must be one of .*got 'beta'"),
     ("rlw", {"seed": -3}, ValueError, r"`seed` must be an integer >= 0, got -3"),
 ]
-# Shared options every factory validates.
-COMMON_ERRORS = [
-    ({"num_losses": 0}, r"`num_losses` must be an integer >= 1, got 0"),
-    ({"update_every": 0}, r"`update_every` must be an integer >= 1, got 0"),
-    ({"accumulate": -1}, r"`accumulate` must be an integer >= 1, got -1"),
-    ({"setpoint": np.ones(2)}, r"`setpoint` must have shape \(3,\), got \(2,\)"),
-    ({"setpoint": np.array([1.0, -1.0, 1.0])}, r"`setpoint` must be finite and >= 0"),
-    ({"dtype": jnp.float16}, r"`dtype` must be float32 or float64, got float16"),
-]
 
 
 @pytest.mark.parametrize("name,kwargs,exc,match", ERRORS)
 def test_factory_errors(name, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         FACTORIES[name](num_losses=K, **kwargs)
-
-
-@pytest.mark.parametrize("name", list(FACTORIES))
-@pytest.mark.parametrize("kwargs,match", COMMON_ERRORS)
-def test_common_errors(name, kwargs, match):
-    kwargs = {"num_losses": K, **kwargs}
-    with pytest.raises(ValueError, match=match):
-        FACTORIES[name](**kwargs)
 
 
 def test_fixed_rejects_traced_weights():

@@ -767,7 +767,7 @@ def gradient_matrices(draw: st.DrawFn, max_scale: float = max(ROW_SCALES)) -> np
     return grads
 
 
-_ORDERS = np.asarray(sj.gradients.combiners._random_orders(jax.random.PRNGKey(0), GRAD_K))
+_ORDERS = np.asarray(sj.gradients.aggregators.pcgrad._random_orders(jax.random.PRNGKey(0), GRAD_K))
 GRAMIAN_RULES: dict[str, Callable[[jax.Array], jax.Array]] = {
     "mgda-libmtl": lambda g: sj.mgda_weights(g, convention="libmtl"),
     "mgda-torchjd": lambda g: sj.mgda_weights(g, convention="torchjd"),

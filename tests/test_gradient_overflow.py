@@ -40,7 +40,7 @@ from softadapt_jax.gradients import (
     pcgrad_weights,
     stacked_gramian,
 )
-from softadapt_jax.gradients.combiners import _random_orders
+from softadapt_jax.gradients.aggregators.pcgrad import _random_orders
 from softadapt_jax.gradients.gradnorm import GRADNORM_CONVENTIONS
 from softadapt_jax.gradients.per_component import combine_leaves, overflow_exponent
 from softadapt_jax.training import BalancedTrainState, make_train_step

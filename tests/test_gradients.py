@@ -18,7 +18,6 @@ import optax
 import pytest
 from scipy.optimize import minimize
 
-from softadapt_jax import training
 from softadapt_jax.gradients import (
     GradNormState,
     cagrad,
@@ -36,7 +35,8 @@ from softadapt_jax.gradients import (
     per_component_grads,
     stacked_gramian,
 )
-from softadapt_jax.gradients.combiners import _project_simplex, _random_orders
+from softadapt_jax.gradients.aggregators._simplex import project_simplex as _project_simplex
+from softadapt_jax.gradients.aggregators.pcgrad import _random_orders
 
 # --- a small shared-trunk model with K = 3 heads -------------------------------------------------
 
@@ -374,7 +374,7 @@ def test_project_simplex() -> None:
     )
 
 
-# --- the optax transforms ------------------------------------------------------------------------------
+# --- the optax transforms (jit, vmap, pmap with axis_name and training in a chain: test_contract.py) ---
 
 COMBINERS = {
     "pcgrad": lambda **kw: pcgrad(seed=0, **kw),
@@ -425,16 +425,6 @@ def test_masked_per_component_grads_feed_a_masked_combiner(grads: dict) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(COMBINERS))
-def test_vmap_agrees_with_jit(name: str, grads: dict) -> None:
-    tx, state = MASKED[name], MASKED[name].init(PARAMS)
-    batch = jax.tree.map(lambda x: jnp.stack([x, 2 * x, -x]), grads)
-    vmapped = jax.jit(jax.vmap(lambda u: tx.update(u, state, PARAMS)[0]))(batch)
-    for i in range(3):
-        one = UPDATE[name](jax.tree.map(lambda x, i=i: x[i], batch), state, PARAMS)[0]
-        chex.assert_trees_all_close(jax.tree.map(lambda x, i=i: x[i], vmapped), one, rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("name", sorted(COMBINERS))
 def test_single_component_reduces_to_its_gradient(name: str) -> None:
     g = {"a": jnp.array([[1.0, -2.0, 0.5]]), "b": jnp.array([[[3.0], [4.0]]])}
     kw = {"rescale": "1+c"} if name == "cagrad" else {}
@@ -473,60 +463,6 @@ def test_pcgrad_key_advances_and_random_order_off_is_deterministic(grads: dict) 
     u1, f1 = update(grads, fixed.init(PARAMS))
     u2, _ = update(grads, f1)
     chex.assert_trees_all_close(u1, u2)
-
-
-def test_combiner_in_a_chain_trains() -> None:
-    tx = optax.chain(pcgrad(mask=SHARED), optax.adam(3e-2))
-    params, state = PARAMS, tx.init(PARAMS)
-    start = loss_components(PARAMS)
-
-    @jax.jit
-    def step(params, state):
-        losses, grads = per_component_grads(loss_components)(params)
-        upd, state = tx.update(grads, state, params, losses=losses)
-        return optax.apply_updates(params, upd), state
-
-    for _ in range(30):
-        params, state = step(params, state)
-    assert np.all(np.asarray(loss_components(params)) < np.asarray(start))
-
-
-@pytest.mark.parametrize("name", ["pcgrad", "gradnorm", "mgda_loss+"])
-def test_pmap_matches_single_device(name: str, grads: dict) -> None:
-    """Per-device per-component gradients are averaged (pmean) before combining: the global update."""
-    n = jax.local_device_count()
-    assert X.shape[0] % n == 0
-    if name == "gradnorm":
-        make = lambda **kw: gradnorm(num_losses=K, layer="trunk/w", **kw)  # noqa: E731
-        single = make()
-        ref, ref_state = jax.jit(single.update)(
-            grads, single.init(PARAMS), PARAMS, losses=loss_components(PARAMS)
-        )
-    elif name == "mgda_loss+":
-        make = lambda **kw: mgda(normalization="loss+", mask=SHARED, **kw)  # noqa: E731
-        single = make()
-        ref, ref_state = jax.jit(single.update)(
-            grads, single.init(PARAMS), PARAMS, losses=loss_components(PARAMS)
-        )
-    else:
-        make = lambda **kw: pcgrad(seed=0, mask=SHARED, **kw)  # noqa: E731  (as MASKED["pcgrad"])
-        ref, ref_state = UPDATE["pcgrad"](grads, MASKED["pcgrad"].init(PARAMS), PARAMS)
-    ptx = make(axis_name="d")
-
-    def step(params, state, x, y):
-        losses, g = per_component_grads(loss_components)(params, x, y)
-        if name == "gradnorm":  # gradnorm averages them too; this checks pmean of a pmean is harmless
-            losses = jax.lax.pmean(losses, "d")
-        return ptx.update(g, state, params, losses=losses)
-
-    rep = training.replicate((PARAMS, ptx.init(PARAMS)))
-    upd, pstate = jax.pmap(step, axis_name="d")(rep[0], rep[1], X.reshape(n, -1, 2), Y.reshape(n, -1, K))
-    for i in range(n):  # every replica holds the global-batch update
-        chex.assert_trees_all_close(jax.tree.map(lambda u, i=i: u[i], upd), ref, rtol=2e-4, atol=1e-6)
-    if name == "gradnorm":
-        np.testing.assert_allclose(pstate.weights[0], ref_state.weights, rtol=1e-5)
-    elif name == "pcgrad":
-        np.testing.assert_array_equal(pstate.key[0], ref_state.key)
 
 
 # --- GradNorm ------------------------------------------------------------------------------------------

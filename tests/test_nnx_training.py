@@ -49,7 +49,10 @@ def pure(tree):
 def values(tree) -> list[np.ndarray]:
     """The leaves as NumPy arrays (PRNG keys as their key data)."""
     leaves = jax.tree.leaves(tree)
-    return [np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x) for x in leaves]
+    return [
+        np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+        for x in leaves
+    ]
 
 
 def test_step_updates_batch_stats_dropout_rng_and_balancer() -> None:
@@ -88,7 +91,9 @@ def test_step_applies_the_gradient_of_the_weighted_sum() -> None:
         twin_opt.update(twin, grads, losses=losses)
         metrics = step(model, optimizer, b)
         np.testing.assert_allclose(metrics["losses"], losses, rtol=1e-5, atol=1e-7)
-    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(twin, nnx.Param)), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(twin, nnx.Param)), strict=True
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(model.norm.mean[...], twin.norm.mean[...], rtol=1e-5, atol=1e-7)
 
@@ -113,7 +118,9 @@ def test_nonfinite_step_changes_nothing_but_the_counts(poison) -> None:
     old_b, new_b = sj.find_balancer_states(before_opt)[0], sj.find_balancer_states(after_opt)[0]
     assert int(new_b.rejected) == int(old_b.rejected) + 1
     assert int(optimizer.step[...]) == 2
-    for a, b in zip(jax.tree.leaves(new_b._replace(rejected=old_b.rejected)), jax.tree.leaves(old_b), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(new_b._replace(rejected=old_b.rejected)), jax.tree.leaves(old_b), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
     # Training goes on from the untouched state.
     metrics = step(model, optimizer, batch(6))

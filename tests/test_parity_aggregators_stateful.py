@@ -350,11 +350,9 @@ def test_nash_mtl_rejects_bad_config():
         excess_mtl()(jnp.ones((2, 3)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="float32 Nash solver reaches only ~1e-2 relative: tolerances not yet tuned for float32",
-)
 def test_nash_mtl_float32_and_nan(x64):
+    # float32 reaches float64's answer: the subproblem's solution is the bargaining point, found
+    # by damped Newton and certified by its KKT multipliers, with no barrier path in between.
     agg = nash_mtl()
     j = np.asarray(_torchjd("NashMTL")[0]["inputs"]["J"])
     with jax.enable_x64(False):

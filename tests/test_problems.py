@@ -206,7 +206,9 @@ def test_wave_exact_satisfies_pde_initial_and_boundary_conditions():
         assert float(jnp.max(jnp.abs(pde_residual(points)))) < 1e-9
 
         s = jnp.linspace(0.0, 1.0, 101)
-        np.testing.assert_allclose(wave_exact(s, 0.0), jnp.sin(np.pi * s) + 0.5 * jnp.sin(4 * np.pi * s), atol=1e-15)
+        np.testing.assert_allclose(
+            wave_exact(s, 0.0), jnp.sin(np.pi * s) + 0.5 * jnp.sin(4 * np.pi * s), atol=1e-15
+        )
         assert float(jnp.max(jnp.abs(jnp.stack([wave_exact(0.0, s), wave_exact(1.0, s)])))) < 1e-14
         velocity = jax.vmap(jax.grad(lambda t, x: wave_exact(x, t)), in_axes=(None, 0))(0.0, s)
         assert float(jnp.max(jnp.abs(velocity))) < 1e-14
@@ -217,7 +219,8 @@ def test_wave_exact_satisfies_pde_initial_and_boundary_conditions():
 
 def test_get_problem_unknown_name_lists_known():
     with pytest.raises(
-        ValueError, match=r"unknown problem 'heat'; known problems: burgers, helmholtz, helmholtz_wang2021, wave"
+        ValueError,
+        match=r"unknown problem 'heat'; known problems: burgers, helmholtz, helmholtz_wang2021, wave",
     ):
         get_problem("heat")
 
@@ -318,7 +321,10 @@ def test_batched_derivatives_match_per_point_autodiff(name, standardized):
                 return (burgers_residual(params, points, moments=moments),), (expected,)
             if name == "wave":
                 expected = hess[:, 1, 1] - 4.0 * hess[:, 0, 0]
-                got = (wave_residual(params, points, moments=moments), wave_velocity(params, points, moments=moments))
+                got = (
+                    wave_residual(params, points, moments=moments),
+                    wave_velocity(params, points, moments=moments),
+                )
                 return got, (expected, grad[:, 1])
             source = helmholtz_source(points[:, 0], points[:, 1])
             expected = hess[:, 0, 0] + hess[:, 1, 1] + value - source
@@ -378,7 +384,9 @@ def test_point_stream_fixed_or_fresh_inside_a_scan(resample):
         np.testing.assert_array_equal(stream.batch["residual"], residual_points[-1])
     else:
         np.testing.assert_array_equal(residual_points[0], residual_points[2])
-        np.testing.assert_array_equal(residual_points[0], problem.init_points(jax.random.key(0)).batch["residual"])
+        np.testing.assert_array_equal(
+            residual_points[0], problem.init_points(jax.random.key(0)).batch["residual"]
+        )
     # Same key, same stream.
     np.testing.assert_array_equal(three_steps(jax.random.key(0))[1], residual_points)
 
@@ -422,7 +430,9 @@ def test_helmholtz_wang2021_is_the_authors_set_up():
     hidden_w = np.concatenate([np.ravel(params[1]["w"]), np.ravel(params[2]["w"])])
     assert np.std(hidden_w) == pytest.approx(np.sqrt(1 / 50), rel=0.05)
     batch = problem.sample_batch(jax.random.key(1))
-    assert {name: pts.shape for name, pts in batch.items()} == {name: (128, 2) for name in HELMHOLTZ_COMPONENTS}
+    assert {name: pts.shape for name, pts in batch.items()} == {
+        name: (128, 2) for name in HELMHOLTZ_COMPONENTS
+    }
     points, u_ref = problem.reference()
     grid = np.linspace(-1.0, 1.0, 100)
     assert points.shape == (10_000, 2)
@@ -435,7 +445,12 @@ def test_helmholtz_wang2021_is_the_authors_set_up():
     x = batch["residual"]
     direct = mlp_apply(params, (x - jnp.asarray(mean, x.dtype)) / jnp.asarray(std, x.dtype))[:, 0]
     np.testing.assert_allclose(problem.predict(params, x), direct, rtol=1e-5, atol=1e-6)
-    assert WANG2021_TRAINING == {"learning_rate": 1e-3, "decay_rate": 0.9, "decay_steps": 1000, "steps": 40_001}
+    assert WANG2021_TRAINING == {
+        "learning_rate": 1e-3,
+        "decay_rate": 0.9,
+        "decay_steps": 1000,
+        "steps": 40_001,
+    }
     # Overrides replace the authors' options.
     small = get_problem("helmholtz_wang2021", hidden=(8,), resample=False)
     assert not small.resample

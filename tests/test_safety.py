@@ -193,7 +193,10 @@ def test_grad_of_log_scale_weights_matches_finite_differences(x64, scale) -> Non
     step = 1e-6
     numeric = np.array(
         [
-            [(f(h.at[i, j].multiply(1 + step)) - f(h.at[i, j].multiply(1 - step))) / (2 * step * h[i, j]) for j in range(2)]
+            [
+                (f(h.at[i, j].multiply(1 + step)) - f(h.at[i, j].multiply(1 - step))) / (2 * step * h[i, j])
+                for j in range(2)
+            ]
             for i in range(3)
         ]
     )
@@ -219,7 +222,9 @@ def test_uncertainty_weights_keep_adapting_after_one_extreme_loss(convention) ->
 
 @pytest.mark.parametrize("factory", [sj.rlw_balancer, sj.relobralo_balancer])
 def test_seed_beyond_64_bits_is_a_clear_error(factory) -> None:
-    with pytest.raises(ValueError, match=r"`seed` must be an integer in \[0, 2\*\*63 - 1\], got 18446744073709551616"):
+    with pytest.raises(
+        ValueError, match=r"`seed` must be an integer in \[0, 2\*\*63 - 1\], got 18446744073709551616"
+    ):
         factory(num_losses=2, seed=2**64)
     factory(num_losses=2, seed=2**63 - 1).init()
 
@@ -280,7 +285,9 @@ def test_flax_train_state_is_named_in_the_error() -> None:
 
     tx = optax.chain(sj.softadapt(0.1, num_losses=2), optax.sgd(0.1))
     state = train_state.TrainState.create(apply_fn=None, params={"w": jnp.zeros(3)}, tx=tx)
-    with pytest.raises(TypeError, match=r"must be a softadapt_jax.training.BalancedTrainState, got TrainState"):
+    with pytest.raises(
+        TypeError, match=r"must be a softadapt_jax.training.BalancedTrainState, got TrainState"
+    ):
         training.make_train_step(_log_losses)(state, {})
 
 
@@ -300,5 +307,7 @@ def test_pmap_batch_without_device_axis_names_shard_batch() -> None:
 @pytest.mark.parametrize("shape", [(), (3,), (3, 2)])
 def test_statistic_of_the_wrong_shape_names_the_argument(shape) -> None:
     b = sj.inverse_grad_norm_balancer(num_losses=2, update_every=1)
-    with pytest.raises(ValueError, match=r"`statistics` for the grad_norm balancer must have one row per weight group"):
+    with pytest.raises(
+        ValueError, match=r"`statistics` for the grad_norm balancer must have one row per weight group"
+    ):
         b.update(jnp.ones(2), b.init(), jnp.ones(shape))

@@ -261,7 +261,9 @@ def test_multisteps_with_per_component_goes_outside():
     params = jnp.zeros(2)
     losses = jnp.asarray(LOSS_STREAM[0])
     inside = optax.MultiSteps(optax.chain(softadapt(num_losses=K, per_component=True), optax.sgd(1.0)), 2)
-    with pytest.raises(ValueError, match=r"per-component gradients of a parameter of shape \(2,\) have shape \(3, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"per-component gradients of a parameter of shape \(2,\) have shape \(3, 2\)"
+    ):
         inside.update(jnp.ones((K, 2)), inside.init(params), params, losses=losses)
 
     outside = optax.chain(
@@ -327,22 +329,8 @@ def test_get_weights_raises_without_or_with_two_balancers():
 
 
 # ----------------------------------------------------------------------------------------------
-# argument errors
+# argument errors (missing or wrong-length losses: test_contract.py, for every balancer)
 # ----------------------------------------------------------------------------------------------
-
-
-def test_missing_losses_raises():
-    tx = optax.chain(softadapt(num_losses=K), optax.sgd(1.0))
-    params = jnp.zeros(2)
-    with pytest.raises(ValueError, match=r"needs the current component losses.*`losses` of shape \(3,\)"):
-        tx.update(jnp.ones(2), tx.init(params), params)
-
-
-def test_wrong_number_of_losses_raises():
-    tx = softadapt(num_losses=K)
-    params = jnp.zeros(2)
-    with pytest.raises(ValueError, match=r"shape \[K\]=\(3,\).*got shape \(4,\)"):
-        tx.update(jnp.ones(2), tx.init(params), params, losses=jnp.ones(4))
 
 
 def test_per_component_wrong_updates_shape_raises_naming_shapes():
@@ -357,7 +345,9 @@ def test_per_component_wrong_updates_shape_raises_naming_shapes():
     with pytest.raises(ValueError, match=r"leaf 0 has shape \(3, 2, 4\).*have shape \(3, 4, 2\)"):
         tx.update({"w": jnp.ones((3, 2, 4))}, state, params, losses=losses)
     # Plain (unstacked) gradients: named as such.
-    with pytest.raises(ValueError, match=r"looks like a plain gradient: build the transform with per_component=False"):
+    with pytest.raises(
+        ValueError, match=r"looks like a plain gradient: build the transform with per_component=False"
+    ):
         tx.update({"w": jnp.ones((4, 2))}, state, params, losses=losses)
     # Without params the layout cannot be told apart.
     with pytest.raises(ValueError, match=r"per_component=True needs `params`"):
@@ -370,7 +360,9 @@ def test_stacked_gradients_without_per_component_raise_instead_of_growing_params
     tx = optax.chain(softadapt(num_losses=K), optax.sgd(0.1))
     params = jnp.zeros(4)
     state = tx.init(params)
-    with pytest.raises(ValueError, match=r"looks stacked per component: build the transform with per_component=True"):
+    with pytest.raises(
+        ValueError, match=r"looks stacked per component: build the transform with per_component=True"
+    ):
         tx.update(jnp.ones((K, 4)), state, params, losses=jnp.ones(K))
     with pytest.raises(ValueError, match=r"same tree structure"):
         tx.update({"a": jnp.ones(4)}, state, params, losses=jnp.ones(K))

@@ -278,6 +278,56 @@ def _select(pred: jax.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jax.lax.select(pred, a, b), on_true, on_false)
 
 
+STATISTIC_AT: tuple[str, ...] = ("updated", "current")
+
+
+class _Options(NamedTuple):
+    """The options every balancer factory takes, validated (the keywords of :func:`make_balancer`).
+
+    A factory validates them first, since its rule and method state need G and
+    the dtype, and passes them on with ``make_balancer(rule, **options._asdict(), ...)``.
+    """
+
+    num_losses: int  # K
+    update_every: int
+    accumulate: int
+    setpoint: jax.Array | None  # [K] prior coefficients, or None
+    dtype: Any  # the history dtype, float32 or float64
+    groups: tuple[int, ...] | None  # static group ids; None: every term its own group
+
+    @property
+    def num_groups(self) -> int:
+        """G, the number of weights the rule computes (K without groups)."""
+        return group_count(self.num_losses, self.groups)
+
+
+def _options(
+    num_losses: Any,
+    update_every: Any = 1,
+    accumulate: Any = 1,
+    setpoint: Any = None,
+    dtype: Any = None,
+    groups: Any = None,
+) -> _Options:
+    """Validates the options of :func:`make_balancer` that every balancer factory passes on."""
+    k = _checks.check_positive_int(num_losses, "num_losses")
+    update_every = _checks.check_positive_int(update_every, "update_every")
+    accumulate = _checks.check_positive_int(accumulate, "accumulate")
+    ids = check_groups(groups, k)
+    return _Options(k, update_every, accumulate, check_setpoint(setpoint, k), resolve_dtype(dtype), ids)
+
+
+def _term_weights(group_weights: jax.Array, options: _Options) -> jax.Array:
+    """The ``[K]`` term weights of ``[G]`` group weights: each term's group weight times its set-point."""
+    w = expand_groups(group_weights.astype(options.dtype), options.groups)
+    if options.setpoint is None:
+        return w
+    # A traced set-point (a schedule under optax.inject_hyperparams) escapes the
+    # construction-time check: clamp it to [0, max] so no weight is negative or nan.
+    big = jnp.finfo(options.dtype).max
+    return w * jnp.clip(jnp.nan_to_num(options.setpoint.astype(options.dtype), nan=0.0, posinf=big), 0.0, big)
+
+
 def make_balancer(
     rule: WeightRule,
     *,
@@ -328,17 +378,13 @@ def make_balancer(
     Returns:
       A :class:`Balancer` whose weights are ``[K]``.
     """
-    k = _checks.check_positive_int(num_losses, "num_losses")
+    options = _options(num_losses, update_every, accumulate, setpoint, dtype, groups)
+    k, g, hist_dtype, group_ids = options.num_losses, options.num_groups, options.dtype, options.groups
+    update_every, accumulate = options.update_every, options.accumulate
     window = _checks.check_positive_int(window, "window")
-    update_every = _checks.check_positive_int(update_every, "update_every")
-    accumulate = _checks.check_positive_int(accumulate, "accumulate")
     if not isinstance(update_first, bool):
         raise TypeError(f"`update_first` must be a bool, got {update_first!r}.")
-    _checks.check_choice(statistic_at, "statistic_at", ("updated", "current"))
-    group_ids = check_groups(groups, k)
-    g = group_count(k, group_ids)
-    prior = check_setpoint(setpoint, k)
-    hist_dtype = resolve_dtype(dtype)
+    _checks.check_choice(statistic_at, "statistic_at", STATISTIC_AT)
     history_bytes = window * g * jnp.dtype(hist_dtype).itemsize
     if history_bytes > MAX_HISTORY_BYTES:
         raise ValueError(
@@ -348,15 +394,6 @@ def make_balancer(
             "several steps into one entry."
         )
     schedule = Schedule(window, update_every, accumulate, update_first)
-
-    def term_weights(w: jax.Array) -> jax.Array:
-        w = expand_groups(w.astype(hist_dtype), group_ids)
-        if prior is None:
-            return w
-        # A traced set-point (a schedule under optax.inject_hyperparams) escapes the
-        # construction-time check: clamp it to [0, max] so no weight is negative or nan.
-        big = jnp.finfo(hist_dtype).max
-        return w * jnp.clip(jnp.nan_to_num(prior.astype(hist_dtype), nan=0.0, posinf=big), 0.0, big)
 
     def will_recompute(count: jax.Array, filled: jax.Array, accum_count: jax.Array) -> jax.Array:
         return recompute_due(schedule, count, filled, accum_count)
@@ -371,7 +408,7 @@ def make_balancer(
             rejected=i32,
             accum=zeros,
             accum_count=i32,
-            weights=term_weights(jnp.full((g,), weights_sum / g, hist_dtype)),
+            weights=_term_weights(jnp.full((g,), weights_sum / g, hist_dtype), options),
             method_state=init_method_state,
             recompute_next=will_recompute(i32, i32, i32),
         )
@@ -394,7 +431,7 @@ def make_balancer(
                 w, ms = rule(history, initial, state.method_state)
             else:
                 w, ms = rule(history, initial, state.method_state, statistics)
-            return term_weights(w), ms
+            return _term_weights(w, options), ms
 
         # Rules are cheap (the expensive gradient statistics are computed by the
         # caller), so both branches are evaluated and selected: a select fuses

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from softadapt_jax import _checks
 from softadapt_jax._checks import check_float
-from softadapt_jax.balancers.base import Balancer, group_count, make_balancer, safe_ratio
+from softadapt_jax.balancers.base import Balancer, _options, make_balancer, safe_ratio
 from softadapt_jax.weights import stable_softmax
 
 
@@ -93,7 +93,8 @@ def dwa_balancer(
         ``average_over`` < 1; invalid ``num_losses``, ``update_every``,
         ``accumulate``, ``setpoint``, ``dtype`` or ``groups``.
     """
-    g = group_count(num_losses, groups)
+    options = _options(num_losses, update_every, accumulate, setpoint, dtype, groups)
+    g = options.num_groups
     temperature = check_float(temperature, "temperature", low=0.0, low_open=True)
     n = _checks.check_positive_int(average_over, "average_over")
     eps = check_float(eps, "eps", low=0.0)
@@ -106,15 +107,4 @@ def dwa_balancer(
         r = safe_ratio(recent, older, eps)
         return g * stable_softmax(r, inv_t, eps=0.0), method_state
 
-    return make_balancer(
-        rule,
-        num_losses=num_losses,
-        window=2 * n,
-        weights_sum=float(g),
-        update_every=update_every,
-        accumulate=accumulate,
-        setpoint=setpoint,
-        dtype=dtype,
-        name="dwa",
-        groups=groups,
-    )
+    return make_balancer(rule, **options._asdict(), window=2 * n, weights_sum=float(g), name="dwa")

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softadapt_jax import _checks
-from softadapt_jax.balancers.base import Balancer, check_groups, check_setpoint, group_count, make_balancer
+from softadapt_jax.balancers.base import Balancer, _options, make_balancer
 
 
 def fixed_balancer(
@@ -61,9 +61,8 @@ def fixed_balancer(
       TypeError: ``weights`` traced (they must be known when the balancer is
         built, since ``weights_sum`` is a Python float).
     """
-    k = _checks.check_positive_int(num_losses, "num_losses")
-    g = group_count(k, groups)
-    ids = check_groups(groups, k)
+    options = _options(num_losses, update_every, accumulate, setpoint, dtype, groups)
+    k, g, ids, prior = options.num_losses, options.num_groups, options.groups, options.setpoint
     if weights is None:
         w = np.ones((g,))
     else:
@@ -77,7 +76,6 @@ def fixed_balancer(
         if not np.all(np.isfinite(w) & (w >= 0)):
             raise ValueError(f"`weights` must be finite and >= 0, got {w}.")
     per_term = w if ids is None else w[list(ids)]
-    prior = check_setpoint(setpoint, k)
     # The fixed weights act as a set-point on a rule that always returns ones:
     # the shared machinery then gives exactly ``weights * setpoint`` from init on.
     combined = jnp.asarray(per_term) if prior is None else jnp.asarray(per_term, prior.dtype) * prior
@@ -86,16 +84,6 @@ def fixed_balancer(
         del initial
         return jnp.ones(history.shape[1:], history.dtype), method_state
 
-    balancer = make_balancer(
-        rule,
-        num_losses=k,
-        window=1,
-        weights_sum=float(g),
-        update_every=update_every,
-        accumulate=accumulate,
-        setpoint=combined,
-        dtype=dtype,
-        name="fixed",
-        groups=ids,
-    )
+    options = options._replace(setpoint=combined)
+    balancer = make_balancer(rule, **options._asdict(), window=1, weights_sum=float(g), name="fixed")
     return balancer._replace(weights_sum=float(np.sum(w)))

@@ -20,12 +20,12 @@ import jax.numpy as jnp
 
 from softadapt_jax import _checks
 from softadapt_jax import statistics as _statistics
-from softadapt_jax.balancers.base import Balancer, check_groups, group_count, make_balancer, resolve_dtype
+from softadapt_jax.balancers.base import STATISTIC_AT as STATISTIC_AT  # the choices of `statistic_at`
+from softadapt_jax.balancers.base import Balancer, _Options, _options, make_balancer
 
 LR_ANNEALING_MODES: tuple[str, ...] = ("max", "mean")
 LR_ANNEALING_CONVENTIONS: tuple[str, ...] = ("wang2021", "physicsnemo")
 NTK_CONVENTIONS: tuple[str, ...] = ("jaxpi", "physicsnemo")
-STATISTIC_AT: tuple[str, ...] = ("updated", "current")
 
 
 class GradientWeightingState(NamedTuple):
@@ -66,35 +66,22 @@ def _make(
     name: str,
     statistic: str,
     rule: Any,
+    options: _Options,
     *,
-    num_losses: int,
-    update_every: int,
     update_first: bool,
     statistic_at: str,
-    groups: Any,
-    setpoint: Any,
-    dtype: Any,
-    statistic_options: tuple[tuple[str, Any], ...] = (),
+    statistic_options: tuple[tuple[str, Any], ...],
 ) -> Balancer:
-    k = _checks.check_positive_int(num_losses, "num_losses")
-    ids = check_groups(groups, k)
-    g = group_count(k, ids)
-    update_every = _checks.check_positive_int(update_every, "update_every")
-    if not isinstance(update_first, bool):
-        raise TypeError(f"`update_first` must be a bool, got {update_first!r}.")
-    _checks.check_choice(statistic_at, "statistic_at", STATISTIC_AT)
+    """The balancer of a moving-average rule on a gradient statistic: window 1, weights starting at 1."""
+    ema = jnp.ones((options.num_groups,), options.dtype)
     return make_balancer(
         rule,
-        num_losses=k,
+        **options._asdict(),
         window=1,
-        weights_sum=float(g),
-        init_method_state=GradientWeightingState(ema=jnp.ones((g,), resolve_dtype(dtype))),
-        update_every=update_every,
-        setpoint=setpoint,
-        dtype=dtype,
+        weights_sum=float(options.num_groups),
         name=name,
+        init_method_state=GradientWeightingState(ema=ema),
         statistic=statistic,
-        groups=ids,
         update_first=update_first,
         statistic_options=statistic_options,
         statistic_at=statistic_at,
@@ -192,8 +179,8 @@ def lr_annealing_balancer(
     _checks.check_choice(convention, "convention", LR_ANNEALING_CONVENTIONS)
     wang = convention == "wang2021"
     mode = _checks.check_choice(_pick(mode, "max" if wang else "mean"), "mode", LR_ANNEALING_MODES)
-    k = _checks.check_positive_int(num_losses, "num_losses")
-    g = group_count(k, groups)
+    options = _options(num_losses, _pick(update_every, 10 if wang else 1), 1, setpoint, dtype, groups)
+    g = options.num_groups
     if isinstance(reference, bool) or not isinstance(reference, int) or not 0 <= reference < g:
         what = "group" if groups is not None else "loss"
         raise ValueError(f"`reference` must be a {what} index in [0, {g}), got {reference!r}.")
@@ -212,13 +199,9 @@ def lr_annealing_balancer(
         "lr_annealing",
         "grad_abs",
         _ema_rule(estimate, 1.0 - alpha, alpha, reference if wang else None),
-        num_losses=k,
-        update_every=_pick(update_every, 10 if wang else 1),
+        options,
         update_first=_pick(update_first, True),
         statistic_at=_pick(statistic_at, "updated" if wang else "current"),
-        groups=groups,
-        setpoint=setpoint,
-        dtype=dtype,
         statistic_options=(
             ("params_filter", params_filter),
             ("mean_over", "leaves" if wang else "entries"),
@@ -270,6 +253,7 @@ def inverse_grad_norm_balancer(
     Returns:
       A :class:`Balancer` needing the ``"grad_norm"`` statistic.
     """
+    options = _options(num_losses, update_every, 1, setpoint, dtype, groups)
     momentum = _check_momentum(momentum)
 
     def estimate(norms: jax.Array, _: jax.Array) -> jax.Array:
@@ -279,13 +263,9 @@ def inverse_grad_norm_balancer(
         "grad_norm",
         "grad_norm",
         _ema_rule(estimate, momentum, 1.0 - momentum, None),
-        num_losses=num_losses,
-        update_every=update_every,
+        options,
         update_first=update_first,
         statistic_at=statistic_at,
-        groups=groups,
-        setpoint=setpoint,
-        dtype=dtype,
         statistic_options=(("params_filter", _statistics.check_params_filter(params_filter)),),
     )
 
@@ -360,13 +340,17 @@ def ntk_balancer(
     """
     _checks.check_choice(convention, "convention", NTK_CONVENTIONS)
     jaxpi = convention == "jaxpi"
+    options = _options(num_losses, _pick(update_every, 100 if jaxpi else 1000), 1, setpoint, dtype, groups)
     momentum = _check_momentum(_pick(momentum, 0.9 if jaxpi else 0.0))
     params_filter = _statistics.check_params_filter(params_filter)
     if jaxpi:
         if max_points is not None:
             _checks.check_positive_int(max_points, "max_points")
         statistic = "ntk_trace"
-        options: tuple[tuple[str, Any], ...] = (("max_points", max_points), ("params_filter", params_filter))
+        statistic_options: tuple[tuple[str, Any], ...] = (
+            ("max_points", max_points),
+            ("params_filter", params_filter),
+        )
 
         def estimate(stats: jax.Array, _: jax.Array) -> jax.Array:
             return jnp.mean(stats) / stats
@@ -378,7 +362,7 @@ def ntk_balancer(
                 f"of sqrt(L), not per-point kernels), got max_points={max_points!r}."
             )
         statistic = "sqrt_loss_grad_norm"
-        options = (("params_filter", params_filter),)
+        statistic_options = (("params_filter", params_filter),)
 
         def estimate(stats: jax.Array, _: jax.Array) -> jax.Array:
             return jnp.sum(stats) / stats
@@ -387,14 +371,10 @@ def ntk_balancer(
         "ntk",
         statistic,
         _ema_rule(estimate, momentum, 1.0 - momentum, None),
-        num_losses=num_losses,
-        update_every=_pick(update_every, 100 if jaxpi else 1000),
+        options,
         update_first=_pick(update_first, jaxpi),
         statistic_at=statistic_at,
-        groups=groups,
-        setpoint=setpoint,
-        dtype=dtype,
-        statistic_options=options,
+        statistic_options=statistic_options,
     )
 
 

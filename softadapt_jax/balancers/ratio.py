@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from softadapt_jax import _checks
-from softadapt_jax.balancers.base import Balancer, group_count, make_balancer, resolve_dtype, safe_ratio
+from softadapt_jax.balancers.base import Balancer, _options, make_balancer, safe_ratio
 from softadapt_jax.weights import stable_softmax
 
 RATIO_EPS = 1e-8
@@ -99,13 +99,12 @@ def ratio_softadapt_balancer(
         not finite; invalid ``num_losses``, ``groups``, ``update_every``,
         ``accumulate``, ``setpoint`` or ``dtype``.
     """
-    k = _checks.check_positive_int(num_losses, "num_losses")
-    g = group_count(k, groups)
+    options = _options(num_losses, update_every, accumulate, setpoint, dtype, groups)
+    g = options.num_groups
     form = _checks.check_choice(form, "form", FORMS)
     beta = _checks.check_float(beta, "beta")
     default_eps = RATIO_EPS if form == "ratio" else 0.0
     eps = _checks.check_float(default_eps if eps is None else eps, "eps", low=0.0)
-    hist_dtype = resolve_dtype(dtype)
 
     def weights(scores: jax.Array) -> jax.Array:
         return g * stable_softmax(scores, beta, eps=eps)
@@ -123,18 +122,13 @@ def ratio_softadapt_balancer(
             del initial
             return weights(history[-1] - method_state["prev"]), {"prev": history[-1]}
 
-        window, init_method_state = 1, {"prev": jnp.ones((g,), hist_dtype)}
+        window, init_method_state = 1, {"prev": jnp.ones((g,), options.dtype)}
 
     return make_balancer(
         rule,
-        num_losses=k,
+        **options._asdict(),
         window=window,
         weights_sum=float(g),
-        init_method_state=init_method_state,
-        update_every=update_every,
-        accumulate=accumulate,
-        setpoint=setpoint,
-        dtype=hist_dtype,
         name="ratio_softadapt" if form == "ratio" else "difference_softadapt",
-        groups=groups,
+        init_method_state=init_method_state,
     )

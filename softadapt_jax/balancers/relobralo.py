@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from softadapt_jax import _checks
-from softadapt_jax.balancers.base import Balancer, group_count, make_balancer, resolve_dtype, safe_ratio
+from softadapt_jax.balancers.base import Balancer, _options, make_balancer, resolve_dtype, safe_ratio
 from softadapt_jax.weights import stable_softmax
 
 
@@ -239,8 +239,7 @@ def relobralo_balancer(
         negative; invalid ``num_losses``, ``groups``, ``update_every``,
         ``accumulate``, ``setpoint`` or ``dtype``.
     """
-    k = _checks.check_positive_int(num_losses, "num_losses")
-    g = group_count(k, groups)
+    options = _options(num_losses, update_every, accumulate, setpoint, dtype, groups)
     conv = _convention(convention)
     alpha = _checks.check_float(conv.alpha if alpha is None else alpha, "alpha", low=0.0, high=1.0)
     tau = _checks.check_float(conv.tau if tau is None else tau, "tau", low=0.0, low_open=True)
@@ -249,7 +248,6 @@ def relobralo_balancer(
     )
     eps = _checks.check_float(conv.eps if eps is None else eps, "eps", low=0.0)
     seed = _checks.check_seed(seed)
-    hist_dtype = resolve_dtype(dtype)
 
     def rule(history: jax.Array, initial: jax.Array, method_state: Any) -> tuple[jax.Array, Any]:
         del initial
@@ -259,17 +257,13 @@ def relobralo_balancer(
         core = relobralo_step(core, history[-1], rho, convention=convention, alpha=alpha, tau=tau, eps=eps)
         return core["lambdas"], {"key": key, **core}
 
-    init_method_state = {"key": jax.random.PRNGKey(seed), **relobralo_init_state(g, hist_dtype)}
+    g = options.num_groups
+    init_method_state = {"key": jax.random.PRNGKey(seed), **relobralo_init_state(g, options.dtype)}
     return make_balancer(
         rule,
-        num_losses=k,
+        **options._asdict(),
         window=1,
         weights_sum=float(g),
-        init_method_state=init_method_state,
-        update_every=update_every,
-        accumulate=accumulate,
-        setpoint=setpoint,
-        dtype=hist_dtype,
         name="relobralo",
-        groups=groups,
+        init_method_state=init_method_state,
     )

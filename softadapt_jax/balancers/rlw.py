@@ -9,15 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from softadapt_jax import _checks
-from softadapt_jax.balancers.base import (
-    Balancer,
-    check_groups,
-    check_setpoint,
-    expand_groups,
-    group_count,
-    make_balancer,
-    resolve_dtype,
-)
+from softadapt_jax.balancers.base import Balancer, _options, _term_weights, make_balancer, resolve_dtype
 from softadapt_jax.weights import stable_softmax
 
 RLW_DISTRIBUTIONS: tuple[str, ...] = ("normal", "uniform", "dirichlet")
@@ -133,19 +125,16 @@ def rlw_balancer(
         ``dtype`` or ``groups``.
       TypeError: ``sum_to_k`` not a bool.
     """
-    k = _checks.check_positive_int(num_losses, "num_losses")
-    g = group_count(k, groups)
-    ids = check_groups(groups, k)
+    options = _options(num_losses, update_every, accumulate, setpoint, dtype, groups)
+    g = options.num_groups
     _checks.check_choice(distribution, "distribution", RLW_DISTRIBUTIONS)
     if not isinstance(sum_to_k, bool):
         raise TypeError(f"`sum_to_k` must be a bool, got {sum_to_k!r}.")
     seed = _checks.check_seed(seed)
-    hist_dtype = resolve_dtype(dtype)
-    prior = check_setpoint(setpoint, k)
 
     def draw_weights(method_state: Any) -> tuple[jax.Array, Any]:
         key, sub = jax.random.split(method_state["key"])
-        z = rlw_draw(sub, g, distribution, hist_dtype)
+        z = rlw_draw(sub, g, distribution, options.dtype)
         return rlw_weights(z, distribution=distribution, sum_to_k=sum_to_k), {"key": key}
 
     def rule(history: jax.Array, initial: jax.Array, method_state: Any) -> tuple[jax.Array, Any]:
@@ -154,25 +143,17 @@ def rlw_balancer(
 
     balancer = make_balancer(
         rule,
-        num_losses=k,
+        **options._asdict(),
         window=1,
         weights_sum=float(g) if sum_to_k else 1.0,
-        init_method_state={"key": jax.random.PRNGKey(seed)},
-        update_every=update_every,
-        accumulate=accumulate,
-        setpoint=prior,
-        dtype=hist_dtype,
         name=f"rlw_{distribution}",
-        groups=ids,
+        init_method_state={"key": jax.random.PRNGKey(seed)},
     )
 
     def init() -> Any:
         # Step 0 gets a draw of its own, like every later step (not uniform warm-up weights).
         state = balancer.init()
         w, method_state = draw_weights(state.method_state)
-        w = expand_groups(w.astype(hist_dtype), ids)
-        if prior is not None:
-            w = w * prior.astype(w.dtype)
-        return state._replace(weights=w, method_state=method_state)
+        return state._replace(weights=_term_weights(w, options), method_state=method_state)
 
     return balancer._replace(init=init)

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 
 from softadapt_jax import _checks
-from softadapt_jax.balancers.base import Balancer, group_count, make_balancer
+from softadapt_jax.balancers.base import Balancer, _options, make_balancer
 from softadapt_jax.slopes import resolve_accuracy_order
 from softadapt_jax.weights import REFERENCE_EPS, VARIANTS, SoftAdaptOptions, Variant, _weights
 
@@ -68,7 +68,7 @@ def softadapt_balancer(
     )
     window = _checks.check_positive_int(window, "window", minimum=2)
     resolve_accuracy_order(accuracy_order, window)
-    g = group_count(num_losses, groups)
+    options = _options(num_losses, update_every, accumulate, setpoint, dtype, groups)
 
     def rule(history: jax.Array, initial: jax.Array, method_state: Any) -> tuple[jax.Array, Any]:
         reference = initial if (opts.scale == "relative" and relative_to == "initial") else None
@@ -78,15 +78,7 @@ def softadapt_balancer(
         )
         return weights, method_state
 
+    weights_sum = float(options.num_groups) if opts.sum_to_k else 1.0
     return make_balancer(
-        rule,
-        num_losses=num_losses,
-        window=window,
-        weights_sum=float(g) if opts.sum_to_k else 1.0,
-        update_every=update_every,
-        accumulate=accumulate,
-        setpoint=setpoint,
-        dtype=dtype,
-        name=f"softadapt_{variant}",
-        groups=groups,
+        rule, **options._asdict(), window=window, weights_sum=weights_sum, name=f"softadapt_{variant}"
     )

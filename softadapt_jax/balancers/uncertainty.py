@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from softadapt_jax import _checks
-from softadapt_jax.balancers.base import Balancer, group_count, make_balancer, resolve_dtype
+from softadapt_jax.balancers.base import Balancer, _options, make_balancer
 
 # form -> (a, b) of the total loss sum_k a * exp(-s_k) * L_k + b * s_k.
 UNCERTAINTY_FORMS: dict[str, tuple[float, float]] = {
@@ -158,12 +158,12 @@ def uncertainty_balancer(
         ``update_every``, ``accumulate``, ``setpoint``, ``dtype`` or ``groups``.
       TypeError: ``optimizer`` is not an ``optax.GradientTransformation``.
     """
-    g = group_count(num_losses, groups)
+    options = _options(num_losses, update_every, accumulate, setpoint, dtype, groups)
+    g, hist_dtype = options.num_groups, options.dtype
     _checks.check_choice(convention, "convention", UNCERTAINTY_CONVENTIONS)
     default_form, default_s0, default_optimizer = UNCERTAINTY_CONVENTIONS[convention]
     form = default_form if form is None else form
     a, _ = _form(form)
-    hist_dtype = resolve_dtype(dtype)
     bound = 0.5 * math.log(float(jnp.finfo(hist_dtype).max))  # exp(+-bound) is finite
     if init_log_var is None:
         s0 = default_s0
@@ -195,14 +195,9 @@ def uncertainty_balancer(
     init_method_state = {"log_vars": s_init, "opt_state": optimizer.init(s_init)}
     return make_balancer(
         rule,
-        num_losses=num_losses,
+        **options._asdict(),
         window=1,
         weights_sum=g * a * math.exp(-s0),
-        init_method_state=init_method_state,
-        update_every=update_every,
-        accumulate=accumulate,
-        setpoint=setpoint,
-        dtype=hist_dtype,
         name=f"uncertainty_{form}",
-        groups=groups,
+        init_method_state=init_method_state,
     )

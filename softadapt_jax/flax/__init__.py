@@ -17,6 +17,8 @@ from softadapt_jax.flax.checkpoints import CheckpointError, restore_checkpoint, 
 from softadapt_jax.flax.nnx import make_nnx_train_step
 from softadapt_jax.flax.train_state import BalancedTrainState
 from softadapt_jax.flax.train_step import (
+    LossComponentsFn,
+    Metrics,
     data_mesh,
     data_shardings,
     make_pmap_train_step,
@@ -29,6 +31,8 @@ from softadapt_jax.flax.train_step import (
 __all__ = [
     "BalancedTrainState",
     "CheckpointError",
+    "LossComponentsFn",
+    "Metrics",
     "checkpoints",
     "data_mesh",
     "data_shardings",

@@ -235,12 +235,7 @@ def gradnorm(
         **extra_args: Any,
     ) -> tuple[Any, GradNormState]:
         del extra_args, params
-        if losses is None:
-            raise ValueError(
-                f"gradnorm needs the current component losses: call `update(updates, state, params, "
-                f"losses=losses)` with `losses` of shape ({k},)."
-            )
-        losses = check_vector(losses, "losses", k)
+        losses = _required_losses(losses, k, "gradnorm")
         if not per_component and layer_norms is None:
             raise ValueError(
                 "gradnorm(per_component=False) needs the unweighted per-component gradient norms of the "
@@ -265,9 +260,7 @@ def gradnorm(
         # Non-finite losses or norms (a nan gradient) would make L(0) or the weights nan for
         # good: such an update leaves the state as it was and is counted in `rejected`.
         ok = jnp.all(jnp.isfinite(losses)) & jnp.all(jnp.isfinite(norms))
-        skipped = state._replace(rejected=state.rejected + 1)
-        new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, skipped)
-        return updates, new_state
+        return updates, _unless_rejected(ok, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -293,6 +286,22 @@ def learned_weights_state(cls: Any, param: jax.Array, optimizer: optax.GradientT
         inner_state=optimizer.init(param),
         rejected=jnp.zeros((), jnp.int32),
     )
+
+
+def _required_losses(losses: Any, k: int, method: str) -> jax.Array:
+    """The ``[K]`` losses an update of ``method`` received, or a ValueError saying how to pass them."""
+    if losses is None:
+        raise ValueError(
+            f"{method} needs the current component losses: call `update(updates, state, params, "
+            f"losses=losses)` with `losses` of shape ({k},)."
+        )
+    return check_vector(losses, "losses", k)
+
+
+def _unless_rejected(ok: jax.Array, new_state: Any, state: Any) -> Any:
+    """``new_state`` if ``ok``, else ``state`` with its ``rejected`` count one higher (GradNorm, ResNorm)."""
+    skipped = state._replace(rejected=state.rejected + 1)
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, skipped)
 
 
 def weights_of(opt_state: Any, cls: Any) -> jax.Array:

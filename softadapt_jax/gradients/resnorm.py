@@ -26,10 +26,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from softadapt_jax._checks import check_float, check_positive_int, check_vector
+from softadapt_jax._checks import check_float, check_positive_int
 from softadapt_jax.gradients.gradnorm import (
     _combine,
     _prepare_param,
+    _required_losses,
+    _unless_rejected,
     _weight_map,
     gradnorm_targets,
     learned_weights_state,
@@ -146,12 +148,7 @@ def resnorm(
         updates: Any, state: ResNormState, params: Any = None, *, losses: Any = None, **extra_args: Any
     ) -> tuple[Any, ResNormState]:
         del extra_args, params
-        if losses is None:
-            raise ValueError(
-                f"resnorm needs the current component losses: call `update(updates, state, params, "
-                f"losses=losses)` with `losses` of shape ({k},)."
-            )
-        losses = check_vector(losses, "losses", k)
+        losses = _required_losses(losses, k, "resnorm")
         if axis_name is not None:
             updates, losses = jax.lax.pmean((updates, losses), axis_name)
         if per_component:
@@ -164,10 +161,7 @@ def resnorm(
             updates = _combine(state.weights, updates)
         new_state, _ = resnorm_step(state, losses, optimizer=opt, alpha=alpha)
         # A non-finite loss would poison L(0) or lmbda for good: the state is kept instead.
-        ok = jnp.all(jnp.isfinite(losses))
-        skipped = state._replace(rejected=state.rejected + 1)
-        new_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, skipped)
-        return updates, new_state
+        return updates, _unless_rejected(jnp.all(jnp.isfinite(losses)), new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -162,11 +162,39 @@ def ccp_subproblem(gn: jax.Array, c: jax.Array, start: BargainingPoint) -> Subpr
       c: ``[K]`` linear objective (finite; the caller checks).
       start: the bargaining point of ``gn``; ``2 b*`` is strictly feasible.
 
+    When the bargaining point itself is optimal (the KKT multipliers of its
+    active constraints are positive, the usual case: the CCP's fixed point),
+    it is returned without the barrier method.
+
     Returns:
       :class:`SubproblemResult`; ``solved`` is False when the problem is
       infeasible (no bargaining point) or unbounded (the solution presses
       against the cap on ``sum b``).
     """
+    at_start = start.feasible & _optimal_at_bargaining_point(gn, c, start.b)
+    return jax.lax.cond(
+        at_start,
+        lambda: SubproblemResult(b=start.b, solved=jnp.asarray(True)),
+        lambda: _barrier_subproblem(gn, c, start),
+    )
+
+
+def _optimal_at_bargaining_point(gn: jax.Array, c: jax.Array, b: jax.Array) -> jax.Array:
+    """Whether the bargaining point ``b`` solves ``min c^T b  s.t.  h_i(b) >= 0`` (bool []).
+
+    Every constraint ``h_i = log b_i + log (gn b)_i`` is active at ``b``, so
+    it is optimal exactly when ``c = sum_i lambda_i grad h_i(b)`` with
+    ``lambda >= 0`` (KKT; the problem is convex). With ``lambda > 0`` the
+    Lagrangian is strictly convex, so ``b`` is the unique solution. One
+    ``K x K`` solve, instead of the barrier method and the ray test.
+    """
+    dh = jnp.diag(1.0 / b) + gn / _mv(gn, b)[None, :]  # column i is grad h_i
+    multipliers = jnp.linalg.solve(dh, c)
+    return jnp.all(multipliers > 0) & jnp.all(jnp.isfinite(multipliers))
+
+
+def _barrier_subproblem(gn: jax.Array, c: jax.Array, start: BargainingPoint) -> SubproblemResult:
+    """:func:`ccp_subproblem` when the bargaining point is not its solution."""
     dtype = gn.dtype
     tol = _tol(dtype)
     k = gn.shape[0]

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from softadapt_jax._checks import all_finite, check_float
-from softadapt_jax.gradients.aggregators._core import Aggregator, check_jacobian, check_losses
+from softadapt_jax.gradients.aggregators._common import check_state_shape, commit_if, jacobian_and_losses
+from softadapt_jax.gradients.aggregators._core import Aggregator
 
 NAME = "db_mtl"
 _LOG_EPS = 1e-8  # LibMTL's shift inside log(L + eps)
@@ -88,13 +89,8 @@ def db_mtl(*, beta: float = 0.9, beta_sigma: float = 0.0) -> Aggregator:
         jacobian: Any, state: DBMTLState, *, losses: Any = None, key: Any = None
     ) -> tuple[jax.Array, Any]:
         del key
-        j = check_jacobian(jacobian)
-        losses_ = check_losses(losses, j.shape[0], NAME).astype(j.dtype)
-        if state.grad_buffer.shape != j.shape:
-            raise ValueError(
-                f"`jacobian` has shape {tuple(j.shape)} but the state's grad_buffer has shape "
-                f"{tuple(state.grad_buffer.shape)}: init the state with the same (K, n)."
-            )
+        j, losses_ = jacobian_and_losses(jacobian, losses, NAME)
+        check_state_shape("grad_buffer", state.grad_buffer.shape, j.shape)
         step = state.step + 1
         buf = db_mtl_buffer(
             j, losses_, state.grad_buffer.astype(j.dtype), step, beta=beta, beta_sigma=beta_sigma
@@ -102,8 +98,7 @@ def db_mtl(*, beta: float = 0.9, beta_sigma: float = 0.0) -> Aggregator:
         d = jnp.matmul(db_mtl_weights(buf), buf, precision=jax.lax.Precision.HIGHEST)
         new = DBMTLState(step=step, grad_buffer=buf.astype(state.grad_buffer.dtype))
         ok = all_finite(j, losses_, d, new)
-        new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
-        return jnp.where(ok, d, jnp.zeros_like(d)), new
+        return commit_if(ok, d, new, state)
 
     return Aggregator(name=NAME, init=init, update=update, stateful=True, needs_losses=True)
 

@@ -6,13 +6,9 @@ from typing import Any
 
 import jax
 
-from softadapt_jax.gradients.aggregators._core import Aggregator, from_weighting
+from softadapt_jax.gradients.aggregators._core import Aggregator
 from softadapt_jax.gradients.aggregators._qp import normalize_and_regularize, project_dual_cone
-from softadapt_jax.gradients.aggregators.upgrad import (
-    check_pref_vector,
-    check_projector_options,
-    pref_weights,
-)
+from softadapt_jax.gradients.aggregators.upgrad import check_pref_vector, pref_weights, projector_aggregator
 
 
 def dual_proj_weights(
@@ -64,10 +60,13 @@ def dual_proj(
     Returns:
       A stateless Gramian-weighting :class:`Aggregator` named ``"dual_proj"``.
     """
-    pref = check_pref_vector(pref_vector)
-    norm_eps, reg_eps = check_projector_options(norm_eps, reg_eps, solver)
-    return from_weighting(
-        "dual_proj", lambda g: dual_proj_weights(g, pref_vector=pref, norm_eps=norm_eps, reg_eps=reg_eps)
+    return projector_aggregator(
+        "dual_proj",
+        dual_proj_weights,
+        pref_vector=pref_vector,
+        norm_eps=norm_eps,
+        reg_eps=reg_eps,
+        solver=solver,
     )
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from softadapt_jax._checks import check_float, check_positive_int
 from softadapt_jax.gradients.aggregators._core import Aggregator, from_weighting
-from softadapt_jax.gradients.combiners import _spd_solve
+from softadapt_jax.gradients.aggregators._linalg import spd_solve
 
 _CANCELLATION = 1e4  # stop when max_k x_k ||g_k|| exceeds this times ||x @ J|| (no root)
 _POLISH = 3  # undamped Newton steps after the loop: the line search stalls at rounding level
@@ -104,7 +104,7 @@ def fairgrad_weights(gramian: jax.Array, *, alpha: float = 1.0, max_iters: int |
         hess = jnp.where(zero[:, None] | zero[None, :], 0.0, g + jnp.diag(curv)) + jnp.diag(
             zero.astype(dtype)
         )
-        step = -_spd_solve(hess, grad[:, None])[:, 0]  # hess is symmetric positive definite
+        step = -spd_solve(hess, grad[:, None])[:, 0]  # hess is symmetric positive definite
         converged = jnp.max(jnp.abs(grad)) <= 64.0 * eps * (
             jnp.max(jnp.abs(gx)) + jnp.max(jnp.where(zero, 0.0, power))
         )

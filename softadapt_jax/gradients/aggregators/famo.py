@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from softadapt_jax._checks import all_finite, as_float_array, check_float
-from softadapt_jax.gradients.aggregators._core import Aggregator, check_jacobian, check_losses
+from softadapt_jax.gradients.aggregators._common import commit_if, jacobian_and_losses
+from softadapt_jax.gradients.aggregators._core import Aggregator
 
 NAME = "famo"
 _EPS = 1e-8  # LibMTL's shift inside log(L - min_losses + eps); min_losses is always 0 there
@@ -148,14 +149,12 @@ def famo() -> Aggregator:
         jacobian: Any, state: FAMOState, *, losses: Any = None, key: Any = None
     ) -> tuple[jax.Array, Any]:
         del key
-        j = check_jacobian(jacobian)
-        losses_ = check_losses(losses, j.shape[0], NAME).astype(j.dtype)
+        j, losses_ = jacobian_and_losses(jacobian, losses, NAME)
         c = famo_weights(state.logits.astype(j.dtype), losses_)
         d = jnp.matmul(c, j, precision=jax.lax.Precision.HIGHEST)
         new = state._replace(prev_losses=losses_.astype(state.prev_losses.dtype), pending=jnp.ones((), bool))
         ok = all_finite(j, losses_, d) & jnp.all(losses_ + _EPS > 0)
-        new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
-        return jnp.where(ok, d, jnp.zeros_like(d)), new
+        return commit_if(ok, d, new, state)
 
     return Aggregator(name=NAME, init=init, update=update, stateful=True, needs_losses=True)
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softadapt_jax._checks import as_float_array, check_choice, check_scalar
+from softadapt_jax.gradients.aggregators._common import static_floats
 from softadapt_jax.gradients.aggregators._core import Aggregator, check_jacobian, check_key, no_state
 
 GRADDROP_CONVENTIONS = ("torchjd", "libmtl")
@@ -30,17 +31,30 @@ def _leak_vector(leak: Any, k: int, dtype: Any) -> jax.Array:
 
 
 def _check_leak(leak: Any) -> Any:
-    if leak is None:
+    arr = static_floats(leak, "leak", "None, a number or a vector of numbers")
+    if arr is None:
         return None
-    try:
-        arr = np.asarray(leak, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise TypeError(
-            f"`leak` must be None, a number or a vector of numbers, got {leak!r}: {err}"
-        ) from None
     if arr.ndim > 1 or not np.all(np.isfinite(arr)):
         raise ValueError(f"`leak` must be None, a finite scalar or a finite 1-D vector, got {leak!r}.")
     return arr
+
+
+# Up to this many rows the column sums are written row by row, which XLA fuses
+# into one pass over J with no [K, n] temporary; beyond it, as reductions.
+_UNROLL_MAX_ROWS = 64
+
+
+def _signed_column_sums(j: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(sum_k max(J_k, 0), sum_k min(J_k, 0))``, each ``[n]``; NaN entries propagate."""
+    if j.shape[0] > _UNROLL_MAX_ROWS:
+        return jnp.sum(jnp.maximum(j, 0.0), axis=0), jnp.sum(jnp.minimum(j, 0.0), axis=0)
+    rows = [j[r] for r in range(j.shape[0])]
+    return sum(jnp.maximum(x, 0.0) for x in rows), sum(jnp.minimum(x, 0.0) for x in rows)
+
+
+def _row_sum(weights: jax.Array, rows: jax.Array) -> jax.Array:
+    # Elementwise, not a matmul: a zero weight must still turn an inf entry into NaN.
+    return jnp.sum(weights[:, None] * rows, axis=0)
 
 
 def _masks(signed: jax.Array, purity: jax.Array, uniforms: jax.Array) -> jax.Array:
@@ -94,16 +108,29 @@ def graddrop_direction(
         raise ValueError(
             f"`uniforms` must have shape ({n},) (one draw per column of the jacobian), got {tuple(u.shape)}."
         )
-    lk = _leak_vector(_check_leak(leak), k, j.dtype)
-    total, mass = jnp.sum(j, axis=0), jnp.sum(jnp.abs(j), axis=0)
+    leak_ = _check_leak(leak)
+    # A column's kept entries are all its positive or all its negative ones, so
+    # the update needs only the two signed column sums, not a [K, n] mask.
+    # maximum/minimum (not where) carry a NaN entry into both sums.
+    pos_sum, neg_sum = _signed_column_sums(j)
+    total, mass = pos_sum + neg_sum, pos_sum - neg_sum
     if convention == "libmtl":
         purity = 0.5 * (1.0 + total / (mass + _LIBMTL_PURITY_EPS))
     else:
         purity = jnp.where(mass > 0, 0.5 * (1.0 + total / jnp.where(mass > 0, mass, 1.0)), 0.5)
     if f is not None:
         purity = f(purity)
-    m = _masks(j, purity, u.astype(j.dtype))
-    return jnp.sum((lk[:, None] + (1.0 - lk[:, None]) * m) * j, axis=0)
+    u = u.astype(j.dtype)
+    if leak_ is None:
+        kept_pos, kept_neg, leaked = pos_sum, neg_sum, 0.0 * total
+    else:
+        lk = _leak_vector(leak_, k, j.dtype)
+        kept_pos = _row_sum(1.0 - lk, jnp.maximum(j, 0.0))
+        kept_neg = _row_sum(1.0 - lk, jnp.minimum(j, 0.0))
+        leaked = _row_sum(lk, j)
+    # ``leaked`` carries a non-finite column into the update (0 * inf = NaN),
+    # as the mask-weighted sum did.
+    return leaked + jnp.where(purity > u, kept_pos, jnp.where(purity < u, kept_neg, 0.0))
 
 
 def graddrop_rep_grad(per_task_rep_grads: Any, rep: Any, uniforms: Any, *, leak: Any = 0.0) -> jax.Array:

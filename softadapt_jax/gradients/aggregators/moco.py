@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from softadapt_jax._checks import all_finite, check_float
-from softadapt_jax.gradients.aggregators._core import Aggregator, check_jacobian, check_losses
+from softadapt_jax.gradients.aggregators._common import check_state_shape, commit_if, jacobian_and_losses
+from softadapt_jax.gradients.aggregators._core import Aggregator
 
 NAME = "moco"
 _NORM_EPS = 1e-8  # LibMTL's guard in g_k / (||g_k|| + eps)
@@ -112,21 +113,15 @@ def moco(
         jacobian: Any, state: MoCoState, *, losses: Any = None, key: Any = None
     ) -> tuple[jax.Array, Any]:
         del key
-        j = check_jacobian(jacobian)
-        losses_ = check_losses(losses, j.shape[0], NAME).astype(j.dtype)
-        if state.y.shape != j.shape:
-            raise ValueError(
-                f"`jacobian` has shape {tuple(j.shape)} but the state's y has shape {tuple(state.y.shape)}: "
-                "init the state with the same (K, n)."
-            )
+        j, losses_ = jacobian_and_losses(jacobian, losses, NAME)
+        check_state_shape("y", state.y.shape, j.shape)
         step = state.step + 1
         d, y, lambd = moco_step(
             j, losses_, state.y.astype(j.dtype), state.lambd.astype(j.dtype), step, **opts
         )
         new = MoCoState(step=step, y=y.astype(state.y.dtype), lambd=lambd.astype(state.lambd.dtype))
         ok = all_finite(j, losses_, d, new)
-        new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
-        return jnp.where(ok, d, jnp.zeros_like(d)), new
+        return commit_if(ok, d, new, state)
 
     return Aggregator(name=NAME, init=init, update=update, stateful=True, needs_losses=True)
 

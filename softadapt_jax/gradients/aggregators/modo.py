@@ -14,8 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from softadapt_jax._checks import all_finite, as_float_array, check_float
+from softadapt_jax.gradients.aggregators._common import check_state_shape, commit_if
 from softadapt_jax.gradients.aggregators._core import Aggregator
-from softadapt_jax.gradients.combiners import _libmtl_simplex_projection
+from softadapt_jax.gradients.aggregators._simplex import (
+    libmtl_simplex_projection as _libmtl_simplex_projection,
+)
 
 NAME = "modo"
 
@@ -109,17 +112,12 @@ def modo(*, gamma: float = 1e-3, rho: float = 0.1) -> Aggregator:
     ) -> tuple[jax.Array, Any]:
         del key
         j, _ = check_three_batches(jacobian, losses, NAME)
-        if state.lambd.shape != (j.shape[1],):
-            raise ValueError(
-                f"`jacobian` has K={j.shape[1]} tasks but the state's lambd has shape "
-                f"{tuple(state.lambd.shape)}: init the state with the same K."
-            )
+        check_state_shape("lambd", state.lambd.shape, (j.shape[1],))
         lambd = modo_lambda_step(j, state.lambd.astype(j.dtype), gamma=gamma, rho=rho)
         d = jnp.matmul(lambd, j[2], precision=jax.lax.Precision.HIGHEST)
         new = MoDoState(lambd=lambd.astype(state.lambd.dtype))
         ok = all_finite(j, d, new)
-        new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
-        return jnp.where(ok, d, jnp.zeros_like(d)), new
+        return commit_if(ok, d, new, state)
 
     return Aggregator(name=NAME, init=init, update=update, stateful=True)
 

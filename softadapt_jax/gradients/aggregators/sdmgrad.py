@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from softadapt_jax._checks import all_finite, check_float, check_positive_int
+from softadapt_jax.gradients.aggregators._common import check_state_shape, commit_if
 from softadapt_jax.gradients.aggregators._core import Aggregator
 from softadapt_jax.gradients.aggregators.modo import check_three_batches
 
@@ -118,18 +119,13 @@ def sdmgrad(*, lamda: float = 0.3, niter: int = 20) -> Aggregator:
     ) -> tuple[jax.Array, Any]:
         del key
         j, _ = check_three_batches(jacobian, losses, NAME)
-        if state.w.shape != (j.shape[1],):
-            raise ValueError(
-                f"`jacobian` has K={j.shape[1]} tasks but the state's w has shape {tuple(state.w.shape)}: "
-                "init the state with the same K."
-            )
+        check_state_shape("w", state.w.shape, (j.shape[1],))
         w = sdmgrad_weights(sdmgrad_normalized_gramian(j), state.w.astype(j.dtype), lamda=lamda, niter=niter)
         hp = jax.lax.Precision.HIGHEST
         d = (jnp.matmul(w, j[0], precision=hp) + lamda * jnp.mean(j[0], axis=0)) / (1.0 + lamda)
         new = SDMGradState(w=w.astype(state.w.dtype))
         ok = all_finite(j, d, new)
-        new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
-        return jnp.where(ok, d, jnp.zeros_like(d)), new
+        return commit_if(ok, d, new, state)
 
     return Aggregator(name=NAME, init=init, update=update, stateful=True)
 

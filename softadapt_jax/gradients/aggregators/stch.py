@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from softadapt_jax._checks import all_finite, check_float, check_positive_int
-from softadapt_jax.gradients.aggregators._core import Aggregator, check_jacobian, check_losses
+from softadapt_jax.gradients.aggregators._common import commit_if, jacobian_and_losses
+from softadapt_jax.gradients.aggregators._core import Aggregator
 
 NAME = "stch"
 # LibMTL adds this inside every log so that a zero loss gives log(1e-20), not -inf.
@@ -105,8 +106,7 @@ def stch(*, mu: float = 1.0, warmup_epoch: int = 4, steps_per_epoch: int = 1) ->
         jacobian: Any, state: STCHState, *, losses: Any = None, key: Any = None
     ) -> tuple[jax.Array, Any]:
         del key
-        j = check_jacobian(jacobian)
-        losses_ = check_losses(losses, j.shape[0], NAME).astype(j.dtype)
+        j, losses_ = jacobian_and_losses(jacobian, losses, NAME)
         epoch = state.step // steps_per_epoch
         smooth = epoch > warmup_epoch
         c = stch_weights(losses_, stch_nadir(state).astype(j.dtype), smooth, mu=mu)
@@ -120,8 +120,7 @@ def stch(*, mu: float = 1.0, warmup_epoch: int = 4, steps_per_epoch: int = 1) ->
             loss_count=state.loss_count + collect.astype(jnp.int32),
         )
         ok = all_finite(j, losses_, d)
-        new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
-        return jnp.where(ok, d, jnp.zeros_like(d)), new
+        return commit_if(ok, d, new, state)
 
     return Aggregator(name=NAME, init=init, update=update, stateful=True, needs_losses=True)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -47,6 +49,27 @@ def check_projector_options(norm_eps: Any, reg_eps: Any, solver: Any) -> tuple[f
     """torchjd's ``QuadprogProjector`` options: ``norm_eps >= 0``, ``reg_eps >= 0``, solver ``"quadprog"``."""
     check_choice(solver, "solver", SOLVERS)
     return check_float(norm_eps, "norm_eps", low=0.0), check_float(reg_eps, "reg_eps", low=0.0)
+
+
+def projector_aggregator(
+    name: str,
+    weights: Callable[..., jax.Array],
+    *,
+    pref_vector: Any,
+    norm_eps: Any,
+    reg_eps: Any,
+    solver: Any,
+) -> Aggregator:
+    """The Gramian-weighting aggregator of a torchjd projector method, its options checked once.
+
+    ``weights(gramian, *, pref_vector, norm_eps, reg_eps)`` is the method's
+    weighting (:func:`upgrad_weights`, :func:`~.dual_proj.dual_proj_weights`).
+    """
+    pref = check_pref_vector(pref_vector)
+    norm_eps, reg_eps = check_projector_options(norm_eps, reg_eps, solver)
+    return from_weighting(
+        name, functools.partial(weights, pref_vector=pref, norm_eps=norm_eps, reg_eps=reg_eps)
+    )
 
 
 def upgrad_weights(
@@ -109,10 +132,8 @@ def upgrad(
     Returns:
       A stateless Gramian-weighting :class:`Aggregator` named ``"upgrad"``.
     """
-    pref = check_pref_vector(pref_vector)
-    norm_eps, reg_eps = check_projector_options(norm_eps, reg_eps, solver)
-    return from_weighting(
-        "upgrad", lambda g: upgrad_weights(g, pref_vector=pref, norm_eps=norm_eps, reg_eps=reg_eps)
+    return projector_aggregator(
+        "upgrad", upgrad_weights, pref_vector=pref_vector, norm_eps=norm_eps, reg_eps=reg_eps, solver=solver
     )
 
 
