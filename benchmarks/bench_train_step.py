@@ -19,6 +19,12 @@ one jitted train step followed by ``optax.adam(1e-3)``:
 
 * ``sum``: ``jax.value_and_grad`` of ``sum_k L_k`` on a plain
   ``(params, opt_state)`` pair -- THE baseline (always run);
+* ``sum_guarded``: the plain sum with the same step-level non-finite guard
+  as the library's train step (``guard.all_finite`` of the loss and the
+  gradients, ``guard.keep_if`` on ``(params, opt_state)``): the baseline for
+  the guarded library rows, so that the guard's own cost is not charged to
+  the balancers (``fixed_noguard`` is the library's fixed-weights step with
+  ``guard=False``, against ``sum``);
 * ``sum_state``: the same plain sum written with the structure of the library
   rows: a ``BalancedTrainState`` (no balancer, ``tx = adam``) and
   ``state.apply_gradients`` (shows what the train state itself costs);
@@ -160,6 +166,8 @@ class Method:
         put before adam in an ``optax.chain``.
       balancer: for the paths in :data:`BALANCER_PATHS`: ``K -> Balancer``.
       update_every: how often the balancer recomputes its weights (for the table).
+      guard: for the train-step paths: ``make_train_step(guard=...)``, the
+        step-level non-finite guard (the library's default is on).
     """
 
     description: str
@@ -167,6 +175,7 @@ class Method:
     transform: Callable[[int], optax.GradientTransformation] | None = None
     balancer: Callable[[int], sj.Balancer] | None = None
     update_every: int = 1
+    guard: bool = True
 
 
 def _stat_rows(every: int, suffix: str, path: str = "train_step") -> dict[str, Method]:
@@ -204,6 +213,9 @@ def _softadapt_row(variant: str) -> Method:
 METHODS: dict[str, Method] = {
     "sum": Method("plain sum: value_and_grad(sum_k L_k), (params, opt_state)", "sum"),
     "sum_state": Method("plain sum, BalancedTrainState + apply_gradients, tx = adam", "sum_state"),
+    "sum_guarded": Method(
+        "plain sum with the same non-finite guard (keep params/opt_state unless all finite)", "sum_guarded"
+    ),
     "softadapt": Method(
         "SoftAdapt, path (b): value_and_weighted_grad (one backward pass)",
         "weighted",
@@ -218,6 +230,12 @@ METHODS: dict[str, Method] = {
         "make_train_step, fixed_balancer() (all ones: plain sum, same structure)",
         "train_step",
         balancer=lambda k: sj.fixed_balancer(num_losses=k),
+    ),
+    "fixed_noguard": Method(
+        "make_train_step(guard=False), fixed_balancer(): the same step without the non-finite guard",
+        "train_step",
+        balancer=lambda k: sj.fixed_balancer(num_losses=k),
+        guard=False,
     ),
     "softadapt_original": _softadapt_row("original"),
     "softadapt_normalized": _softadapt_row("normalized"),
@@ -377,7 +395,9 @@ def make_runner(method: Method, terms: Terms, num_losses: int, params0: Any, bat
         carry = [training.BalancedTrainState.create(apply_fn=None, params=params0, tx=tx)]
         if method.path == "train_step":
             step = jax.jit(
-                training.make_train_step(loss_components, balancer=balancer, residuals_fn=residuals)
+                training.make_train_step(
+                    loss_components, balancer=balancer, residuals_fn=residuals, guard=method.guard
+                )
             )
         elif method.path == "wrapped_hold":
             hold = training.make_train_step(
@@ -396,9 +416,15 @@ def make_runner(method: Method, terms: Terms, num_losses: int, params0: Any, bat
     tx = adam if method.transform is None else optax.chain(method.transform(num_losses), adam)
 
     def raw_step(params, opt_state, batch):
-        if method.path == "sum":
+        if method.path in ("sum", "sum_guarded"):
             loss, grads = jax.value_and_grad(lambda p: jnp.sum(loss_components(p, batch)))(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
+            updates, new_opt_state = tx.update(grads, opt_state, params)
+            if method.path == "sum_guarded":
+                ok = sj.guard.all_finite(loss, grads)
+                stepped = (optax.apply_updates(params, updates), new_opt_state)
+                new = sj.guard.keep_if(ok, stepped, (params, opt_state))
+                return (*new, loss)
+            opt_state = new_opt_state
         elif method.path == "weighted":
             weighted = value_and_weighted_grad(loss_components)
             (loss, losses), grads = weighted(get_weights(opt_state), params, batch)
@@ -756,6 +782,17 @@ def main() -> None:
             f"(rounds IQR {_ratio_iqr(t.samples, base.samples)}), CPU {c:.3f} "
             f"(IQR {_ratio_iqr(t.cpu_samples, base.cpu_samples)})."
         )
+    if "sum_guarded" in ratios:
+        g = timings["sum_guarded"]
+        r, c = ratios["sum_guarded"]
+        print(f"- The non-finite guard on the plain sum (`sum_guarded` / `sum`): wall {r:.3f}, CPU {c:.3f}.")
+        for name in ("fixed", "fixed_noguard"):
+            if name in timings:
+                t = timings[name]
+                print(
+                    f"- `{name}` / `sum_guarded`: wall {_median_ratio(t.samples, g.samples):.3f}, "
+                    f"CPU {_median_ratio(t.cpu_samples, g.cpu_samples):.3f}."
+                )
     if "softadapt" in ratios:
         r, c = ratios["softadapt"]
         print(
