@@ -826,6 +826,12 @@ def main() -> None:
             line += f"; against `fixed`: wall {_median_ratio(t.samples, struct.samples):.3f}, CPU " + (
                 f"{_median_ratio(t.cpu_samples, struct.cpu_samples):.3f}"
             )
+        if "sum_guarded" in timings:
+            g = timings["sum_guarded"]
+            line += (
+                f"; against `sum_guarded`: wall {_median_ratio(t.samples, g.samples):.3f}, CPU "
+                f"{_median_ratio(t.cpu_samples, g.cpu_samples):.3f}"
+            )
         every1 = f"{name}_every1"
         if every1 in timings and struct is not None:
             extra = timings[every1].cpu_median - struct.cpu_median
