@@ -239,7 +239,11 @@ def aggregator_rows(
                 agg, fn, args = aggregator_program(name, k, n)
                 programs[name] = (fn, args)
                 if agg.weighting is not None and not agg.stateful:
-                    gram_route = jax.jit(lambda j, w=agg.weighting: w(gramian_of(j)) @ j)
+                    # The weighting takes the method's key and losses as keywords, as the adapter passes them.
+                    extra = {"key": jax.random.PRNGKey(0)} if agg.needs_key else {}
+                    if agg.needs_losses:
+                        extra["losses"] = jnp.ones(k, jnp.float32)
+                    gram_route = jax.jit(lambda j, w=agg.weighting, e=extra: w(gramian_of(j), **e) @ j)
                     programs[f"{name} (Gramian route)"] = (gram_route, (jac,))
             compiled = {m: fn.lower(*a).compile() for m, (fn, a) in programs.items()}
             runners = {m: (lambda c=compiled[m], a=programs[m][1]: c(*a)) for m in programs}

@@ -8,7 +8,7 @@ import jax
 
 from softadapt_jax.gradients.aggregators._core import Aggregator
 from softadapt_jax.gradients.aggregators._qp import normalize_and_regularize, project_dual_cone
-from softadapt_jax.gradients.aggregators.upgrad import check_pref_vector, pref_weights, projector_aggregator
+from softadapt_jax.gradients.aggregators.upgrad import _projector_aggregator, check_pref_vector, pref_weights
 
 
 def dual_proj_weights(
@@ -60,7 +60,7 @@ def dual_proj(
     Returns:
       A stateless Gramian-weighting :class:`Aggregator` named ``"dual_proj"``.
     """
-    return projector_aggregator(
+    return _projector_aggregator(
         "dual_proj",
         dual_proj_weights,
         pref_vector=pref_vector,

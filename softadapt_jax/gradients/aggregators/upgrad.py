@@ -51,7 +51,7 @@ def check_projector_options(norm_eps: Any, reg_eps: Any, solver: Any) -> tuple[f
     return check_float(norm_eps, "norm_eps", low=0.0), check_float(reg_eps, "reg_eps", low=0.0)
 
 
-def projector_aggregator(
+def _projector_aggregator(
     name: str,
     weights: Callable[..., jax.Array],
     *,
@@ -132,7 +132,7 @@ def upgrad(
     Returns:
       A stateless Gramian-weighting :class:`Aggregator` named ``"upgrad"``.
     """
-    return projector_aggregator(
+    return _projector_aggregator(
         "upgrad", upgrad_weights, pref_vector=pref_vector, norm_eps=norm_eps, reg_eps=reg_eps, solver=solver
     )
 
