@@ -311,3 +311,28 @@ def test_statistic_of_the_wrong_shape_names_the_argument(shape) -> None:
         ValueError, match=r"`statistics` for the grad_norm balancer must have one row per weight group"
     ):
         b.update(jnp.ones(2), b.init(), jnp.ones(shape))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["loss", "f32", "f16", "scalar"])
+def test_all_finite_sees_a_non_finite_value_in_any_leaf_of_any_dtype(bad, where) -> None:
+    # The check concatenates leaves per dtype; a mixed tree must still be read leaf for leaf.
+    trees = {
+        "loss": jnp.ones(3, jnp.float32),
+        "f32": {"w": jnp.ones((4, 5), jnp.float32), "b": jnp.zeros(5, jnp.float32)},
+        "f16": jnp.ones((2, 2), jnp.float16),
+        "scalar": jnp.float32(2.0),
+        "ints": jnp.arange(3),  # integer leaves are ignored
+    }
+    check = jax.jit(lambda t: sj.guard.all_finite(*t.values()))
+    assert bool(check(trees))
+    leaf = trees[where]
+    if isinstance(leaf, dict):
+        leaf = {**leaf, "w": leaf["w"].at[3, 1].set(bad)}
+    else:
+        leaf = jnp.asarray(leaf).at[(0,) * jnp.ndim(leaf)].set(bad)
+    assert not bool(check({**trees, where: leaf}))
+
+
+def test_all_finite_of_nothing_floating_is_true() -> None:
+    assert bool(sj.guard.all_finite()) and bool(sj.guard.all_finite({"n": jnp.arange(2)}, None))
