@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from softadapt_jax._checks import all_finite, check_float
-from softadapt_jax.gradients.aggregators._common import check_state_shape, commit_if, jacobian_and_losses
+from softadapt_jax.gradients.aggregators._common import check_state_shape, stateful_aggregator
 from softadapt_jax.gradients.aggregators._core import Aggregator
 
 NAME = "db_mtl"
@@ -85,22 +85,19 @@ def db_mtl(*, beta: float = 0.9, beta_sigma: float = 0.0) -> Aggregator:
     def init(num_tasks: int, dim: int, dtype: Any = jnp.float32) -> DBMTLState:
         return DBMTLState(step=jnp.zeros((), jnp.int32), grad_buffer=jnp.zeros((num_tasks, dim), dtype))
 
-    def update(
-        jacobian: Any, state: DBMTLState, *, losses: Any = None, key: Any = None
-    ) -> tuple[jax.Array, Any]:
-        del key
-        j, losses_ = jacobian_and_losses(jacobian, losses, NAME)
+    def advance(
+        j: jax.Array, losses: jax.Array, state: DBMTLState
+    ) -> tuple[jax.Array, DBMTLState, jax.Array]:
         check_state_shape("grad_buffer", state.grad_buffer.shape, j.shape)
         step = state.step + 1
         buf = db_mtl_buffer(
-            j, losses_, state.grad_buffer.astype(j.dtype), step, beta=beta, beta_sigma=beta_sigma
+            j, losses, state.grad_buffer.astype(j.dtype), step, beta=beta, beta_sigma=beta_sigma
         )
         d = jnp.matmul(db_mtl_weights(buf), buf, precision=jax.lax.Precision.HIGHEST)
         new = DBMTLState(step=step, grad_buffer=buf.astype(state.grad_buffer.dtype))
-        ok = all_finite(j, losses_, d, new)
-        return commit_if(ok, d, new, state)
+        return d, new, all_finite(j, losses, d, new)
 
-    return Aggregator(name=NAME, init=init, update=update, stateful=True, needs_losses=True)
+    return stateful_aggregator(NAME, init, advance)
 
 
 AGGREGATORS = {NAME: db_mtl}

@@ -12,11 +12,7 @@ from softadapt_jax.gradients.aggregators.upgrad import _projector_aggregator, ch
 
 
 def dual_proj_weights(
-    gramian: jax.Array,
-    *,
-    pref_vector: Any = None,
-    norm_eps: float = 1e-4,
-    reg_eps: float = 1e-4,
+    gramian: jax.Array, *, pref_vector: Any = None, norm_eps: float = 1e-4, reg_eps: float = 1e-4
 ) -> jax.Array:
     """DualProj's weights: ``w = argmin_{v >= p} v^T G' v``.
 

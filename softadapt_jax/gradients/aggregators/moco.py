@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from softadapt_jax._checks import all_finite, check_float
-from softadapt_jax.gradients.aggregators._common import check_state_shape, commit_if, jacobian_and_losses
+from softadapt_jax.gradients.aggregators._common import check_state_shape, stateful_aggregator
 from softadapt_jax.gradients.aggregators._core import Aggregator
 
 NAME = "moco"
@@ -109,21 +109,14 @@ def moco(
             lambd=jnp.full((num_tasks,), 1.0 / num_tasks, dtype),
         )
 
-    def update(
-        jacobian: Any, state: MoCoState, *, losses: Any = None, key: Any = None
-    ) -> tuple[jax.Array, Any]:
-        del key
-        j, losses_ = jacobian_and_losses(jacobian, losses, NAME)
+    def advance(j: jax.Array, losses: jax.Array, state: MoCoState) -> tuple[jax.Array, MoCoState, jax.Array]:
         check_state_shape("y", state.y.shape, j.shape)
         step = state.step + 1
-        d, y, lambd = moco_step(
-            j, losses_, state.y.astype(j.dtype), state.lambd.astype(j.dtype), step, **opts
-        )
+        d, y, lambd = moco_step(j, losses, state.y.astype(j.dtype), state.lambd.astype(j.dtype), step, **opts)
         new = MoCoState(step=step, y=y.astype(state.y.dtype), lambd=lambd.astype(state.lambd.dtype))
-        ok = all_finite(j, losses_, d, new)
-        return commit_if(ok, d, new, state)
+        return d, new, all_finite(j, losses, d, new)
 
-    return Aggregator(name=NAME, init=init, update=update, stateful=True, needs_losses=True)
+    return stateful_aggregator(NAME, init, advance)
 
 
 AGGREGATORS = {NAME: moco}

@@ -8,13 +8,14 @@ combines the third batch's gradients with them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from softadapt_jax._checks import all_finite, as_float_array, check_float
-from softadapt_jax.gradients.aggregators._common import check_state_shape, commit_if
+from softadapt_jax.gradients.aggregators._common import check_state_shape, stateful_aggregator
 from softadapt_jax.gradients.aggregators._core import Aggregator
 from softadapt_jax.gradients.aggregators._simplex import (
     libmtl_simplex_projection as _libmtl_simplex_projection,
@@ -54,6 +55,39 @@ def check_three_batches(jacobian: Any, losses: Any, agg_name: str) -> tuple[jax.
             f"jacobian, got {tuple(lo.shape)}."
         )
     return j, lo
+
+
+def _three_batch_aggregator(
+    name: str, state_cls: Any, advance_weights: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+) -> Aggregator:
+    """The aggregator of a method that reads three batches and iterates task weights (MoDo, SDMGrad).
+
+    Args:
+      name: the registry name.
+      state_cls: the method's state, a NamedTuple of one field: ``[K]`` task
+        weights on the simplex, starting at 1/K.
+      advance_weights: ``(J [3, K, n], weights [K]) -> (direction [n], new weights [K])``,
+        in the Jacobian's dtype.
+
+    Returns:
+      A stateful :class:`Aggregator`; ``losses`` ``[3, K]`` are validated but
+      not read, and a step whose Jacobian or result is not finite is skipped.
+    """
+    (field,) = state_cls._fields
+
+    def init(num_tasks: int, dim: int, dtype: Any = jnp.float32) -> Any:
+        del dim
+        return state_cls(jnp.full((num_tasks,), 1.0 / num_tasks, dtype))
+
+    def advance(j: jax.Array, losses: Any, state: Any) -> tuple[jax.Array, Any, jax.Array]:
+        del losses
+        (weights,) = state
+        check_state_shape(field, weights.shape, (j.shape[1],))
+        d, new_weights = advance_weights(j, weights.astype(j.dtype))
+        new = state_cls(new_weights.astype(weights.dtype))
+        return d, new, all_finite(j, d, new)
+
+    return stateful_aggregator(name, init, advance, read=check_three_batches, needs_losses=False)
 
 
 def modo_lambda_step(
@@ -103,23 +137,11 @@ def modo(*, gamma: float = 1e-3, rho: float = 0.1) -> Aggregator:
     gamma = check_float(gamma, "gamma")
     rho = check_float(rho, "rho")
 
-    def init(num_tasks: int, dim: int, dtype: Any = jnp.float32) -> MoDoState:
-        del dim
-        return MoDoState(lambd=jnp.full((num_tasks,), 1.0 / num_tasks, dtype))
+    def advance_weights(j: jax.Array, lambd: jax.Array) -> tuple[jax.Array, jax.Array]:
+        lambd = modo_lambda_step(j, lambd, gamma=gamma, rho=rho)
+        return jnp.matmul(lambd, j[2], precision=jax.lax.Precision.HIGHEST), lambd
 
-    def update(
-        jacobian: Any, state: MoDoState, *, losses: Any = None, key: Any = None
-    ) -> tuple[jax.Array, Any]:
-        del key
-        j, _ = check_three_batches(jacobian, losses, NAME)
-        check_state_shape("lambd", state.lambd.shape, (j.shape[1],))
-        lambd = modo_lambda_step(j, state.lambd.astype(j.dtype), gamma=gamma, rho=rho)
-        d = jnp.matmul(lambd, j[2], precision=jax.lax.Precision.HIGHEST)
-        new = MoDoState(lambd=lambd.astype(state.lambd.dtype))
-        ok = all_finite(j, d, new)
-        return commit_if(ok, d, new, state)
-
-    return Aggregator(name=NAME, init=init, update=update, stateful=True)
+    return _three_batch_aggregator(NAME, MoDoState, advance_weights)
 
 
 AGGREGATORS = {NAME: modo}

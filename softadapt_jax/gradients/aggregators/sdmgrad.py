@@ -9,15 +9,14 @@ heavy-ball steps on ``w^T G w / 2 + lamda w^T G 1/K`` with
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from softadapt_jax._checks import all_finite, check_float, check_positive_int
-from softadapt_jax.gradients.aggregators._common import check_state_shape, commit_if
+from softadapt_jax._checks import check_float, check_positive_int
 from softadapt_jax.gradients.aggregators._core import Aggregator
-from softadapt_jax.gradients.aggregators.modo import check_three_batches
+from softadapt_jax.gradients.aggregators.modo import _three_batch_aggregator
 
 NAME = "sdmgrad"
 # LibMTL's inner optimiser: torch.optim.SGD(lr=5, momentum=0.5), created anew at every call.
@@ -110,24 +109,12 @@ def sdmgrad(*, lamda: float = 0.3, niter: int = 20) -> Aggregator:
         raise ValueError("`lamda` must not be -1: the update is divided by 1 + lamda.")
     niter = check_positive_int(niter, "niter", minimum=0)
 
-    def init(num_tasks: int, dim: int, dtype: Any = jnp.float32) -> SDMGradState:
-        del dim
-        return SDMGradState(w=jnp.full((num_tasks,), 1.0 / num_tasks, dtype))
-
-    def update(
-        jacobian: Any, state: SDMGradState, *, losses: Any = None, key: Any = None
-    ) -> tuple[jax.Array, Any]:
-        del key
-        j, _ = check_three_batches(jacobian, losses, NAME)
-        check_state_shape("w", state.w.shape, (j.shape[1],))
-        w = sdmgrad_weights(sdmgrad_normalized_gramian(j), state.w.astype(j.dtype), lamda=lamda, niter=niter)
+    def advance_weights(j: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+        w = sdmgrad_weights(sdmgrad_normalized_gramian(j), w, lamda=lamda, niter=niter)
         hp = jax.lax.Precision.HIGHEST
-        d = (jnp.matmul(w, j[0], precision=hp) + lamda * jnp.mean(j[0], axis=0)) / (1.0 + lamda)
-        new = SDMGradState(w=w.astype(state.w.dtype))
-        ok = all_finite(j, d, new)
-        return commit_if(ok, d, new, state)
+        return (jnp.matmul(w, j[0], precision=hp) + lamda * jnp.mean(j[0], axis=0)) / (1.0 + lamda), w
 
-    return Aggregator(name=NAME, init=init, update=update, stateful=True)
+    return _three_batch_aggregator(NAME, SDMGradState, advance_weights)
 
 
 AGGREGATORS = {NAME: sdmgrad}

@@ -73,11 +73,7 @@ def _projector_aggregator(
 
 
 def upgrad_weights(
-    gramian: jax.Array,
-    *,
-    pref_vector: Any = None,
-    norm_eps: float = 1e-4,
-    reg_eps: float = 1e-4,
+    gramian: jax.Array, *, pref_vector: Any = None, norm_eps: float = 1e-4, reg_eps: float = 1e-4
 ) -> jax.Array:
     """UPGrad's weights: ``w = sum_i v_i``, ``v_i = argmin_{v >= p_i e_i} v^T G' v``.
 
