@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import decode_special
+from scipy.optimize import minimize, nnls
 
 from softadapt_jax.gradients.aggregators.excess_mtl import excess_mtl, excess_mtl_step
 from softadapt_jax.gradients.aggregators.nash_mtl import NashMTLState, nash_mtl, nash_mtl_step
@@ -323,6 +324,60 @@ def test_nash_mtl_sequences(x64):
             )
             np.testing.assert_allclose(d[t], e["combined_grad"], rtol=_ECOS_RTOL, atol=_ECOS_RTOL)
         assert t >= 1
+
+
+def _bench_jacobian(k: int, n: int, seed: int = 0, row_scales=(1.0, 10.0, 0.1)) -> np.ndarray:
+    """``benchmarks/bench_torchjd.py``'s float32 Jacobian (that module needs torch to import)."""
+    rng = np.random.default_rng([seed, k, n])
+    scales = np.asarray(row_scales, dtype=np.float64)[np.arange(k) % len(row_scales)]
+    return (rng.standard_normal((k, n)) * scales[:, None]).astype(np.float32)
+
+
+def _bargaining_point_scipy(g: np.ndarray) -> np.ndarray:
+    """``a > 0`` with ``a_i (G a)_i = 1``: scipy's trust-exact on ``a^T G a / 2 - sum log a`` in ``log a``."""
+
+    def parts(u):
+        a = np.exp(u)
+        ga = g @ a
+        return a @ ga / 2 - np.sum(u), a * ga - 1, a[:, None] * g * a[None, :] + np.diag(a * ga)
+
+    u = minimize(
+        lambda u: parts(u)[0],
+        np.zeros(len(g)),
+        jac=lambda u: parts(u)[1],
+        hess=lambda u: parts(u)[2],
+        method="trust-exact",
+        options={"gtol": 1e-13},
+    ).x
+    return np.exp(u)
+
+
+def test_nash_mtl_large_n_is_the_ccp_fixed_point(x64):
+    # RESULTS §5's K = 8, n = 8,577 Jacobian, where torchjd's ECOS solves all end "optimal_inaccurate".
+    # The released CCP decreases F(a) = 1^T Gn a + (sum log a + sum log Gn a) / nf over
+    # {a_i (G a)_i >= 1}; solved exactly it ends here at a KKT point with one task's constraint
+    # inactive, below F at the bargaining point (which torchjd's stalled solves stay near).
+    j = _bench_jacobian(8, 8577).astype(np.float64)
+    g = j @ j.T
+    state = NashMTLState(jnp.ones((8,)), jnp.zeros((), jnp.int32))
+    alpha = np.asarray(jax.jit(nash_mtl_step)(jnp.asarray(j), state)[2].alpha)
+    nf = np.linalg.norm(g)
+    gn = g / nf
+    # The subproblem linearised at alpha is solved by alpha: KKT with multipliers from scipy's nnls.
+    c = gn.sum(axis=1) + (1 / alpha + gn @ (1 / (gn @ alpha))) / nf
+    h = np.log(alpha * nf) + np.log(gn @ alpha)
+    grad_h = np.diag(1 / alpha) + gn / (gn @ alpha)[None, :]  # column i is grad h_i
+    active = h < 1e-8
+    lam, residual = nnls(grad_h[:, active], c)
+    assert np.all(h > -1e-12) and np.all(h[~active] > 1.0) and np.any(~active)
+    assert residual <= 1e-9 * np.linalg.norm(c) and np.all(lam > 0)
+    b = _bargaining_point_scipy(g)
+    np.testing.assert_allclose(b * (g @ b), 1.0, rtol=1e-9)
+
+    def objective(a):
+        return np.sum(gn @ a) + (np.sum(np.log(a)) + np.sum(np.log(gn @ a))) / nf
+
+    assert objective(alpha) < objective(b) - 1e-3 * abs(objective(b))
 
 
 def test_nash_mtl_rejects_bad_config():

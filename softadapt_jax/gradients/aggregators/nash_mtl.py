@@ -34,9 +34,14 @@ def nash_alpha(gramian: jax.Array, alpha: jax.Array, *, optim_niter: int = 20) -
     ``optim_niter`` times: stop if ``||Gn alpha - 1/(alpha + 1e-10)|| < 1e-3``
     (``Gn = G / ||G||_F``); else solve the convex subproblem (see
     ``_nash_solver``) from ``alpha``; stop if its solution moved by less
-    than ``1e-6`` (keeping ``alpha``), else move to it. At a non-degenerate
-    point the subproblem's solution is the bargaining solution
-    ``a_i (G a)_i = 1`` itself, so the loop usually ends after two solves.
+    than ``1e-6`` (keeping ``alpha``), else move to it. Where the bargaining
+    solution ``a_i (G a)_i = 1`` solves the subproblem (its KKT multipliers
+    are positive) the loop ends after two solves. Otherwise the CCP, a
+    descent method on ``1^T Gn a + (sum log a + sum log Gn a) / nf`` over
+    ``{a_i (G a)_i >= 1}``, converges to a KKT point of that problem with
+    some constraint inactive (a task weighted above its bargaining share), as
+    the released code does wherever its solver is accurate; we follow it
+    there, not the bargaining solution.
 
     Where the reference's ECOS solve fails we do not imitate the failure:
 
