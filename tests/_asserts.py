@@ -54,6 +54,26 @@ def assert_balancer_state_structure(state: Any, *, window: int, num_losses: int)
     chex.assert_tree_all_finite(state)
 
 
+def assert_buffers_not_shared(*states: Any) -> None:
+    """No two array leaves of ``states`` hold the same device buffer.
+
+    ``jax.jit(step, donate_argnums=0)`` hands every leaf's buffer to XLA to reuse; a buffer that
+    two leaves share (one ``zeros`` array for several fields), or that two fresh states share (an
+    array built once by the factory), is refused ("donate the same buffer twice") or deleted
+    under the other state's feet.
+    """
+    seen: dict[int, str] = {}
+    for i, state in enumerate(states):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+            if not isinstance(leaf, jax.Array) or leaf.size == 0:
+                continue
+            where = f"state {i}{jax.tree_util.keystr(path)}"
+            for shard in leaf.addressable_shards:
+                pointer = shard.data.unsafe_buffer_pointer()
+                assert pointer not in seen, f"{where} shares its buffer with {seen[pointer]}"
+                seen[pointer] = where
+
+
 def assert_on_declared_scale(
     weights: Any, weights_sum: float, *, setpoint: Any = None, constant_sum: bool = True, rtol: float = 1e-5
 ) -> None:

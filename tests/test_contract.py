@@ -28,6 +28,7 @@ import pytest
 from _asserts import (
     assert_balancer_state_structure,
     assert_batch_matches_single,
+    assert_buffers_not_shared,
     assert_on_declared_scale,
     assert_rejects_non_finite,
     assert_serialization_round_trip,
@@ -291,6 +292,13 @@ def test_init_state_is_plain_finite_and_on_declared_scale(case_id):
     assert_balancer_state_structure(state, window=case.window, num_losses=K)
     # Warm-up weights are on the declared scale, times the set-point.
     assert_on_declared_scale(state.weights, b.weights_sum, setpoint=case.setpoint, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case_id", BALANCERS)
+def test_fresh_states_share_no_buffer_so_a_step_can_donate_them(case_id):
+    b = balancer(case_id)
+    tx = balance(b)
+    assert_buffers_not_shared(b.init(), b.init(), tx.init(P0), tx.init(P0))
 
 
 @pytest.mark.parametrize("case_id", BALANCERS)

@@ -16,6 +16,7 @@ import optax
 import pytest
 from _asserts import (
     assert_batch_matches_single,
+    assert_buffers_not_shared,
     assert_expected_structure,
     assert_replicas_agree,
     assert_trains,
@@ -175,6 +176,22 @@ def test_pmap_with_axis_name_equals_one_device(case_id: str) -> None:
     assert_replicas_agree(out["adapted"], out["want"][0])
     if "want_state" in out:
         assert_replicas_agree(out["state"], at(out["want_state"], 0))
+
+
+@pytest.mark.parametrize("case_id", GRADIENT_METHODS)
+def test_fresh_states_share_no_buffer_so_a_step_can_donate_them(case_id: str) -> None:
+    case = CASE_BY_ID[case_id]
+    params = {"w": jnp.zeros(N, jnp.float32)}
+    if case.kind == "aggregator":
+        agg = case.build()
+        tx = aggregate(agg, num_tasks=K_TASKS, seed=0)
+        states = [tx.init(params), tx.init(params)]
+        if agg.stateful:
+            states += [agg.init(K_TASKS, N, jnp.float32), agg.init(K_TASKS, N, jnp.float32)]
+    else:
+        tx = case.build()
+        states = [tx.init(params), tx.init(params)]
+    assert_buffers_not_shared(*states)
 
 
 @pytest.mark.parametrize("case_id", ids("transform"))

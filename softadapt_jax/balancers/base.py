@@ -399,18 +399,25 @@ def make_balancer(
         return recompute_due(schedule, count, filled, accum_count)
 
     def init() -> BalancerState:
-        zeros, i32 = jnp.zeros((g,), hist_dtype), jnp.zeros((), jnp.int32)
+        # A fresh buffer for every field, and a copy of the method's initial state (built once by
+        # the factory): a step jitted with donate_argnums may then donate the state.
+        def zeros() -> jax.Array:
+            return jnp.zeros((g,), hist_dtype)
+
+        def i32() -> jax.Array:
+            return jnp.zeros((), jnp.int32)
+
         return BalancerState(
             history=jnp.zeros((window, g), hist_dtype),
-            initial=zeros,
-            filled=i32,
-            count=i32,
-            rejected=i32,
-            accum=zeros,
-            accum_count=i32,
+            initial=zeros(),
+            filled=i32(),
+            count=i32(),
+            rejected=i32(),
+            accum=zeros(),
+            accum_count=i32(),
             weights=_term_weights(jnp.full((g,), weights_sum / g, hist_dtype), options),
-            method_state=init_method_state,
-            recompute_next=will_recompute(i32, i32, i32),
+            method_state=jax.tree.map(lambda x: jnp.array(x, copy=True), init_method_state),
+            recompute_next=will_recompute(i32(), i32(), i32()),
         )
 
     def accepted_update(losses: jax.Array, state: BalancerState, statistics: Any) -> BalancerState:

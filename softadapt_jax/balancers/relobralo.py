@@ -62,8 +62,14 @@ def relobralo_init_state(num_weights: int, dtype: Any = None) -> dict[str, jax.A
     placeholder 1.0, which only the ``"bischof"`` convention ever reads.
     """
     g = _checks.check_positive_int(num_weights, "num_weights")
-    ones = jnp.ones((g,), resolve_dtype(dtype))
-    return {"lambdas": ones, "prev": ones, "ref": ones, "calls": jnp.zeros((), jnp.int32)}
+    dt = resolve_dtype(dtype)
+    # One buffer per entry, so that a step may donate the state.
+    return {
+        "lambdas": jnp.ones((g,), dt),
+        "prev": jnp.ones((g,), dt),
+        "ref": jnp.ones((g,), dt),
+        "calls": jnp.zeros((), jnp.int32),
+    }
 
 
 def relobralo_step(

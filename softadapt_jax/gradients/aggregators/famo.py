@@ -135,12 +135,12 @@ def famo() -> Aggregator:
 
     def init(num_tasks: int, dim: int, dtype: Any = jnp.float32) -> FAMOState:
         del dim
-        zeros = jnp.zeros((num_tasks,), dtype)
+        # One buffer per field, so that a step may donate the state.
         return FAMOState(
-            logits=zeros,
+            logits=jnp.zeros((num_tasks,), dtype),
             prev_losses=jnp.ones((num_tasks,), dtype),
-            adam_mu=zeros,
-            adam_nu=zeros,
+            adam_mu=jnp.zeros((num_tasks,), dtype),
+            adam_nu=jnp.zeros((num_tasks,), dtype),
             adam_count=jnp.zeros((), jnp.int32),
             pending=jnp.zeros((), bool),
         )

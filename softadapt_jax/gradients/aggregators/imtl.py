@@ -114,8 +114,10 @@ def imtl(*, loss_scale_lr: float = 0.1) -> Aggregator:
 
     def init(num_tasks: int, dim: int, dtype: Any = jnp.float32) -> IMTLState:
         del dim
-        zeros = jnp.zeros((num_tasks,), dtype)
-        return IMTLState(loss_scale=zeros, loss_scale_grad=zeros)
+        # One buffer per field, so that a step may donate the state.
+        return IMTLState(
+            loss_scale=jnp.zeros((num_tasks,), dtype), loss_scale_grad=jnp.zeros((num_tasks,), dtype)
+        )
 
     def update(
         jacobian: Any, state: IMTLState, *, losses: Any = None, key: Any = None

@@ -99,8 +99,12 @@ def stch(*, mu: float = 1.0, warmup_epoch: int = 4, steps_per_epoch: int = 1) ->
 
     def init(num_tasks: int, dim: int, dtype: Any = jnp.float32) -> STCHState:
         del dim
-        zero = jnp.zeros((), jnp.int32)
-        return STCHState(step=zero, loss_sum=jnp.zeros((num_tasks,), dtype), loss_count=zero)
+        # One buffer per field, so that a step may donate the state.
+        return STCHState(
+            step=jnp.zeros((), jnp.int32),
+            loss_sum=jnp.zeros((num_tasks,), dtype),
+            loss_count=jnp.zeros((), jnp.int32),
+        )
 
     def update(
         jacobian: Any, state: STCHState, *, losses: Any = None, key: Any = None
