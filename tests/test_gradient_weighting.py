@@ -383,16 +383,20 @@ def test_per_component_gradients_only_on_recompute_steps(factory, statistic_at: 
     calls = backward_passes_per_step(step, state, counter, 10)
     leaves = len(jax.tree.leaves(init_params()))
     # One backward pass (one tap per parameter leaf) except on steps 0 and 5 (0-based). There,
-    # "current" takes K = 3 backward passes, which also give the step's gradient; "updated" takes
-    # the step's weighted pass plus K more at the updated parameters. NTK keeps its one pass and
-    # adds per-point passes through residuals_fn (not tapped).
+    # the step's weighted pass plus K = 3 more (at the updated or the current parameters, under
+    # the cond). NTK keeps its one pass and adds per-point passes through residuals_fn (not tapped).
     plain = [c for i, c in enumerate(calls) if i % 5]
     assert plain == [leaves] * 8
-    if bal.statistic == "ntk_trace":
-        recompute = leaves
-    else:
-        recompute = (4 if statistic_at == "updated" else 3) * leaves
+    recompute = leaves if bal.statistic == "ntk_trace" else 4 * leaves
     assert calls[0] == calls[5] == recompute
+    if statistic_at == "current" and bal.statistic != "ntk_trace":
+        # Recomputing every step, "current" takes only the K passes: they also give the step's
+        # gradient (the whole step under the cond).
+        every = factory(num_losses=3, update_every=1, statistic_at=statistic_at)
+        tx = optax.chain(sj.balance(every), optax.adam(1e-2))
+        state = training.BalancedTrainState.create(apply_fn=None, params=init_params(), tx=tx)
+        step = jax.jit(training.make_train_step(fn, balancer=every, residuals_fn=residuals))
+        assert backward_passes_per_step(step, state, counter, 3) == [3 * leaves] * 3
 
 
 def reference_step(state, stats_fn):

@@ -162,19 +162,20 @@ def make_train_step(
     Balancers that need a gradient statistic (learning-rate annealing,
     gradient-norm, NTK weighting) get it computed only on the steps that
     recompute their weights, decided inside the step from the balancer state's
-    ``recompute_next``: the step is a ``lax.cond`` between the plain step (one
-    backward pass) and the step that also computes the statistic, so it works
-    anywhere (``jit``, ``pmap``, inside ``lax.scan``).
+    ``recompute_next``: the plain step (one backward pass) with the statistic
+    under a ``lax.cond`` (or, for a balancer that recomputes every step, a
+    ``lax.cond`` between the plain step and the step that also computes the
+    statistic), so it works anywhere (``jit``, ``pmap``, inside ``lax.scan``).
 
     Where the statistic is evaluated is the balancer's choice (its
     ``statistic_at``): ``"updated"`` (the original implementations)
     takes the step's weighted gradient and optimizer update as usual, then
     the statistic of the group-summed losses at the updated parameters on
     the same batch (G more backward passes); ``"current"`` takes it at the
-    step's own parameters, where for the gradient statistics the K
-    per-component backward passes also give the step's gradient (no
-    separate weighted pass). Either way the weights recomputed on a step
-    apply from the next step on.
+    step's own parameters (for a balancer with ``update_every=1`` the K
+    per-component backward passes of a gradient statistic also give the
+    step's gradient, with no separate weighted pass). Either way the weights
+    recomputed on a step apply from the next step on.
 
     ``recompute`` overrides that decision for callers that lay the schedule
     out statically: ``True`` builds the step that always computes the
@@ -301,6 +302,25 @@ def make_train_step(
         stats = statistic_at(optax.apply_updates(state.params, updates), batch, request)
         return finish(state, weights, values, grads, stats)
 
+    def sometimes_statistic(
+        state: BalancedTrainState, batch: Any, request: _StatisticRequest
+    ) -> tuple[BalancedTrainState, Metrics]:
+        # Statistic steps are rare: the plain step is computed as always and only the statistic
+        # goes under the cond, whose operands are then just the parameters. (With the whole
+        # state passing through both branches, every step pays for moving it.)
+        weights, values, grads = weighted_grads(state, batch)
+
+        def statistic(params: Any) -> jax.Array:
+            if request.statistic_at == "updated":
+                updates, _ = state.tx.update(
+                    grads, state.opt_state, params, losses=values[1], statistics=request.zeros
+                )
+                params = optax.apply_updates(params, updates)
+            return statistic_at(params, batch, request)
+
+        stats = jax.lax.cond(request.due, statistic, lambda _: request.zeros, state.params)
+        return finish(state, weights, values, grads, stats)
+
     def step(state: BalancedTrainState, batch: Any) -> tuple[BalancedTrainState, Metrics]:
         if not isinstance(state, BalancedTrainState):
             raise TypeError(
@@ -327,9 +347,12 @@ def make_train_step(
         if recompute is not None:
             return (with_statistic if recompute else without_statistic)(state, batch)
 
-        # The whole step goes under the cond, not just the statistic: XLA:CPU runs work
-        # beside a conditional slower than the same work alone (benchmarks/RESULTS.md).
-        return jax.lax.cond(request.due, with_statistic, without_statistic, state, batch)
+        schedule = balancer.schedule if balancer is not None else None
+        if schedule is not None and schedule.update_every * schedule.accumulate == 1:
+            # A statistic on (almost) every step: the whole step under the cond, so that a
+            # "current" gradient statistic's K backward passes also give the step's gradient.
+            return jax.lax.cond(request.due, with_statistic, without_statistic, state, batch)
+        return sometimes_statistic(state, batch, request)
 
     return step
 
