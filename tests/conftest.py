@@ -65,3 +65,34 @@ def x64():
     """Enables 64-bit floats for one test and restores the previous setting afterwards."""
     with jax.enable_x64(True):
         yield
+
+
+# The modules that take longest, longest first. pytest-xdist deals whole modules to the two
+# workers in collection order (pyproject: --dist loadfile --no-loadscope-reorder), so dealing the
+# long ones first lets both workers finish together instead of one running a long module alone at
+# the end. A module missing here only costs balance, never correctness.
+LONGEST_FIRST = (
+    "test_contract_gradients.py",
+    "test_parity_aggregators_stateful.py",
+    "test_gradient_weighting.py",
+    "test_parity.py",
+    "test_rotograd.py",
+    "test_pinn_study.py",
+    "test_fuzz.py",
+    "test_gradients.py",
+    "test_problems.py",
+    "test_float32_aggregators.py",
+    "test_parity_libmtl_gradients.py",
+    "test_parity_aggregators_projection.py",
+    "test_weights.py",
+    "test_parity_aggregators_gramian.py",
+    "test_training.py",
+    "test_contract.py",
+    "test_safety.py",
+    "test_gradient_overflow.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as collected
