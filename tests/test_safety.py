@@ -177,8 +177,9 @@ def test_absurd_window_is_refused_with_its_size() -> None:
 # ----------------------------------------------------------------------------- gradients of the weights
 @pytest.mark.parametrize("beta", [0.1, 10.0])
 def test_grad_of_log_scale_weights_is_finite_at_zero_losses(beta) -> None:
+    grad = jax.jit(jax.grad(lambda h: sj.softadapt_weights(h, beta, scale="log")[0]))
     for h in (jnp.zeros((3, 2)), jnp.array([[0.0, 1.0], [0.0, 0.5], [0.0, 0.2]])):
-        g = jax.grad(lambda h: sj.softadapt_weights(h, beta, scale="log")[0])(h)
+        g = grad(h)
         assert np.all(np.isfinite(np.asarray(g))), g
 
 
@@ -186,6 +187,7 @@ def test_grad_of_log_scale_weights_is_finite_at_zero_losses(beta) -> None:
 def test_grad_of_log_scale_weights_matches_finite_differences(x64, scale) -> None:
     h = jnp.array([[1.0, 1.0], [2.0, 0.5], [3.0, 0.2]], jnp.float64) * scale
 
+    @jax.jit  # one compile for the twelve evaluations below
     def f(h):
         return sj.softadapt_weights(h, 2.0, scale="log")[0]
 
