@@ -122,7 +122,7 @@ def gradient_run(case_id: str) -> dict[str, Any]:
                 "single": singles[0],
                 "single1": singles[1],
                 "vmapped": jax.vmap(lambda x: call(agg, x, k))(js),
-                "want": singles[len(rows) - 1] if len(rows) == 3 else singles[0],
+                "want": singles[2] if len(rows) == 3 else singles[0],
             }
             if case.config["name"] in THREE_BATCHES:
                 out["adapted"] = call(agg, jax.lax.pmean(shard, "d"), k)

@@ -287,27 +287,17 @@ def make_train_step(
         )
         return finish(state, weights, values, grads, stats.astype(request.zeros.dtype))
 
-    def updated_step(
-        state: BalancedTrainState, batch: Any, request: _StatisticRequest
+    def step_with_statistic(
+        state: BalancedTrainState, batch: Any, request: _StatisticRequest, *, only_if_due: bool
     ) -> tuple[BalancedTrainState, Metrics]:
-        # statistic_at="updated": the statistic at the parameters after this step's update, on
+        # The plain step (one weighted backward pass) and the statistic of the balancer: at the
+        # step's parameters, or (statistic_at="updated") at the parameters after its update, on
         # the same batch. The optimizer's updates do not depend on the statistic (the balancer
         # only passes the gradient through), so a first call with the zero statistic gives the
         # updated parameters; its work is the same as the second call's, which XLA's common
-        # subexpression elimination can share.
-        weights, values, grads = weighted_grads(state, batch)
-        updates, _ = state.tx.update(
-            grads, state.opt_state, state.params, losses=values[1], statistics=request.zeros
-        )
-        stats = statistic_at(optax.apply_updates(state.params, updates), batch, request)
-        return finish(state, weights, values, grads, stats)
-
-    def sometimes_statistic(
-        state: BalancedTrainState, batch: Any, request: _StatisticRequest
-    ) -> tuple[BalancedTrainState, Metrics]:
-        # Statistic steps are rare: the plain step is computed as always and only the statistic
-        # goes under the cond, whose operands are then just the parameters. (With the whole
-        # state passing through both branches, every step pays for moving it.)
+        # subexpression elimination can share. With only_if_due the statistic alone goes under
+        # the cond, whose operands are then just the parameters (with the whole state passing
+        # through both branches, every step would pay for moving it).
         weights, values, grads = weighted_grads(state, batch)
 
         def statistic(params: Any) -> jax.Array:
@@ -318,7 +308,10 @@ def make_train_step(
                 params = optax.apply_updates(params, updates)
             return statistic_at(params, batch, request)
 
-        stats = jax.lax.cond(request.due, statistic, lambda _: request.zeros, state.params)
+        if only_if_due:
+            stats = jax.lax.cond(request.due, statistic, lambda _: request.zeros, state.params)
+        else:
+            stats = statistic(state.params)
         return finish(state, weights, values, grads, stats)
 
     def step(state: BalancedTrainState, batch: Any) -> tuple[BalancedTrainState, Metrics]:
@@ -333,11 +326,9 @@ def make_train_step(
             return balanced_step(state, batch, None)
 
         def with_statistic(state: BalancedTrainState, batch: Any) -> tuple[BalancedTrainState, Metrics]:
-            if request.statistic_at == "updated":
-                return updated_step(state, batch, request)
-            if request.kind in GRADIENT_STATISTICS:
+            if request.statistic_at == "current" and request.kind in GRADIENT_STATISTICS:
                 return shared_step(state, batch, request)
-            return balanced_step(state, batch, statistic_at(state.params, batch, request))
+            return step_with_statistic(state, batch, request, only_if_due=False)
 
         def without_statistic(state: BalancedTrainState, batch: Any) -> tuple[BalancedTrainState, Metrics]:
             # Zeros give non-finite estimates, which the built-in rules skip: a due balancer
@@ -352,7 +343,7 @@ def make_train_step(
             # A statistic on (almost) every step: the whole step under the cond, so that a
             # "current" gradient statistic's K backward passes also give the step's gradient.
             return jax.lax.cond(request.due, with_statistic, without_statistic, state, batch)
-        return sometimes_statistic(state, batch, request)
+        return step_with_statistic(state, batch, request, only_if_due=True)
 
     return step
 
