@@ -104,6 +104,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -410,6 +411,7 @@ def make_runner(method: Method, terms: Terms, num_losses: int, params0: Any, bat
             carry[0], metrics = step(carry[0], batch)
             return carry[0], metrics
 
+        run_one.kernels = lambda: count_kernels(step, carry[0], batch)
         return run_one, lambda: carry[0]
 
     adam = optax.adam(lr)
@@ -450,7 +452,63 @@ def make_runner(method: Method, terms: Terms, num_losses: int, params0: Any, bat
         carry[0], carry[1] = params, opt_state
         return params, opt_state, loss
 
+    run_one.kernels = lambda: count_kernels(jstep, carry[0], carry[1], batch)
     return run_one, lambda: tuple(carry)
+
+
+# Instructions of a compiled computation that launch no work of their own.
+_NOT_KERNELS = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast")
+
+
+def _hlo_computations(text: str) -> tuple[dict[str, list[tuple[str, str]]], str]:
+    """``({name: [(opcode, line)]}, entry name)`` of an optimized HLO module's text."""
+    comps: dict[str, list[tuple[str, str]]] = {}
+    entry, current = "", None
+    for line in text.split("\n"):
+        head = re.match(r"(ENTRY )?%([\w.-]+) .*\{$", line)
+        if head and " = " not in line:
+            current = head.group(2)
+            comps[current] = []
+            entry = current if head.group(1) else entry
+        elif line.startswith("}"):
+            current = None
+        elif current is not None and " = " in line:
+            rhs = line.split(" = ", 1)[1]
+            if rhs.startswith("("):  # a tuple shape, which holds spaces: skip to its closing bracket
+                depth = 0
+                for i, ch in enumerate(rhs):
+                    depth += {"(": 1, ")": -1}.get(ch, 0)
+                    if depth == 0:
+                        rhs = rhs[i + 1 :]
+                        break
+            else:
+                rhs = rhs.split(" ", 1)[1]
+            comps[current].append((rhs.strip().split("(", 1)[0], line))
+    return comps, entry
+
+
+def count_kernels(jitted: Callable[..., Any], *args: Any) -> int:
+    """Operations the compiled ``jitted(*args)`` launches on a step that computes no statistic.
+
+    On the CPU backend every fusion, dot, copy or custom call is one task with
+    a fixed launch cost, independent of its size. A conditional counts one
+    plus its shortest branch (the step without the statistic).
+    """
+    comps, entry = _hlo_computations(jitted.lower(*args).compile().as_text())
+
+    def count(name: str) -> int:
+        total = 0
+        for op, line in comps[name]:
+            if op == "conditional":
+                listed = re.search(r"branch_computations=\{([^}]*)\}", line)
+                pairs = re.findall(r"(?:true|false)_computation=%([\w.-]+)", line)
+                names = [b.strip().lstrip("%") for b in listed.group(1).split(",")] if listed else pairs
+                total += 1 + min((count(b) for b in names), default=0)
+            elif op not in _NOT_KERNELS:
+                total += 1
+        return total
+
+    return count(entry)
 
 
 def check_paths_agree(terms: Terms, num_losses: int, params: Any, batch: Batch, steps: int = 8) -> float:
@@ -668,10 +726,11 @@ def main() -> None:
     if any(n.startswith("ntk") for n in names):
         res_err = check_residuals(terms.residuals, params0, batch)
 
-    runners, readers, number = {}, {}, {}
+    runners, readers, number, kernels = {}, {}, {}, {}
     for name in names:
         runners[name], readers[name] = make_runner(METHODS[name], terms, k, params0, batch)
         block(runners[name]())  # compile
+        kernels[name] = runners[name].kernels()
         # Rows with update_every = 1 do the same work on every step, so any chain is fair: a row
         # whose step is too slow for `steps` per round (ntk_every1) runs a shorter one.
         if METHODS[name].update_every == 1:
@@ -707,6 +766,7 @@ def main() -> None:
                 f"`{name}`",
                 METHODS[name].description,
                 _fmt_every(METHODS[name]),
+                str(kernels[name]),
                 fmt_us(t.median),
                 fmt_us(t.best),
                 fmt_us(t.cpu_median),
@@ -726,6 +786,7 @@ def main() -> None:
                 "wall_fixed": _median_ratio(t.samples, struct.samples) if struct else None,
                 "cpu_fixed": _median_ratio(t.cpu_samples, struct.cpu_samples) if struct else None,
                 "wall_us": t.median * 1e6,
+                "kernels": kernels[name],
                 "cpu_us": t.cpu_median * 1e6,
             }
         with open(args.json, "w") as f:
@@ -755,6 +816,7 @@ def main() -> None:
         "method",
         "step",
         "n",
+        "kernels",
         "wall median (µs)",
         "wall best (µs)",
         "CPU median (µs)",
@@ -763,9 +825,11 @@ def main() -> None:
         "wall / fixed",
         "CPU / fixed",
     ]
-    print(markdown_table(headers, rows, align="llrrrrrrrr"))
+    print(markdown_table(headers, rows, align="llrrrrrrrrr"))
     print(
-        f"\n`n`: update_every of the balancer. Ratios: median over rounds of the per-round ratio "
+        f"\n`n`: update_every of the balancer. `kernels`: operations (fusions, dots, copies, custom "
+        f"calls) the compiled step launches on a step without a statistic, a conditional counting one "
+        f"plus its shortest branch (`count_kernels`). Ratios: median over rounds of the per-round ratio "
         f"(wall clock, and process CPU time), against `{BASELINE}` (raw value_and_grad, THE baseline) "
         f"and against `{STRUCTURED_BASELINE}` (the plain sum through make_train_step + fixed_balancer)."
     )
@@ -781,6 +845,16 @@ def main() -> None:
             f"- Noise floor: `sum_state` does the work of `sum` (plus a step counter): wall {r:.3f} "
             f"(rounds IQR {_ratio_iqr(t.samples, base.samples)}), CPU {c:.3f} "
             f"(IQR {_ratio_iqr(t.cpu_samples, base.cpu_samples)})."
+        )
+    if STRUCTURED_BASELINE in kernels and struct is not None:
+        extra_kernels = kernels[STRUCTURED_BASELINE] - kernels[BASELINE]
+        extra_us = (struct.median - base.median) * 1e6
+        per = f" ({extra_us / extra_kernels:.1f} µs per extra kernel)" if extra_kernels > 0 else ""
+        print(
+            f"- Kernels per step: `{BASELINE}` {kernels[BASELINE]}, `{STRUCTURED_BASELINE}` "
+            f"{kernels[STRUCTURED_BASELINE]} ({extra_kernels:+d}: the balancer state's fields, the "
+            f"metrics, the guard); `{STRUCTURED_BASELINE}` takes {extra_us:+.0f} µs of wall time over "
+            f"`{BASELINE}`{per}."
         )
     if "sum_guarded" in ratios:
         g = timings["sum_guarded"]
