@@ -437,10 +437,23 @@ def scaled_gram_of_leaves(leaves: list[jax.Array], *, scaled: bool = True) -> tu
         flat = leaf.reshape(k, -1).astype(dtype) * down
         # HIGHEST: on TPU the default matmul precision (bf16 passes) would spoil the solvers.
         g = g + jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST)
-    return g, exponent
+    return row_major(g), exponent
 
 
 # --- pure helpers -------------------------------------------------------------------------------------
+
+
+def row_major(gram: jax.Array) -> jax.Array:
+    """``gram [K, K]`` unchanged, its producing products kept in row-major layout.
+
+    The solvers hand the Gramian to LAPACK (svd, eigh), which wants its operand
+    column-major, and XLA's layout assignment would push that layout back onto
+    the products that make the Gramian, where the CPU backend then loses its
+    fast matrix kernel for K = 2 or 3 (the products take several times longer).
+    A barrier on the flat matrix fixes the products' layout; the reshapes are free.
+    """
+    k = gram.shape[0]
+    return jax.lax.optimization_barrier(gram.reshape(k * k)).reshape(k, k)
 
 
 def _gram_dtype(dtype: Any) -> Any:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from softadapt_jax._checks import as_float_array, check_vector
+from softadapt_jax.gradients.per_component import row_major
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +99,16 @@ def check_losses(losses: Any, k: int, agg_name: str) -> jax.Array:
 
 def gramian_of(jacobian: jax.Array) -> jax.Array:
     """``J J^T`` at full precision (the solvers need every digit; TPUs default to bf16 passes)."""
-    return jnp.matmul(jacobian, jacobian.T, precision=jax.lax.Precision.HIGHEST)
+    return row_major(jnp.matmul(jacobian, jacobian.T, precision=jax.lax.Precision.HIGHEST))
+
+
+def combine_rows(weights: jax.Array, jacobian: jax.Array) -> jax.Array:
+    """``weights @ jacobian`` (``[K] @ [K, n] -> [n]``) at full precision, in the Jacobian's dtype."""
+    # The barrier keeps the weights a vector: XLA would otherwise fold the [K, 1] shape of the
+    # solve that made them into this product, which the CPU backend then runs as a transposed
+    # matrix product, several times slower for small K.
+    w = jax.lax.optimization_barrier(weights.astype(jacobian.dtype))
+    return jnp.matmul(w, jacobian, precision=jax.lax.Precision.HIGHEST)
 
 
 def from_weighting(name: str, weighting: Callable[[jax.Array], jax.Array]) -> Aggregator:
@@ -117,6 +127,6 @@ def from_weighting(name: str, weighting: Callable[[jax.Array], jax.Array]) -> Ag
         del losses, key
         j = check_jacobian(jacobian)
         w = weighting(gramian_of(j))
-        return jnp.matmul(w.astype(j.dtype), j, precision=jax.lax.Precision.HIGHEST), state
+        return combine_rows(w, j), state
 
     return Aggregator(name=name, init=no_state, update=update, weighting=weighting)

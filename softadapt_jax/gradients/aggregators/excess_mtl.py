@@ -8,9 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from softadapt_jax._checks import check_choice, check_positive_int
-from softadapt_jax.gradients.aggregators._core import Aggregator, check_jacobian
+from softadapt_jax.gradients.aggregators._core import Aggregator, check_jacobian, combine_rows
 
-_HI = jax.lax.Precision.HIGHEST
 CONVENTIONS = ("torchjd", "libmtl")
 _H_EPS = 1e-7  # inside sqrt(S + 1e-7), and torchjd's guard of the baseline division
 
@@ -93,7 +92,7 @@ def excess_mtl_step(
         warmup_w_sum=keep(warm_sum, state.warmup_w_sum),
         n_steps=state.n_steps + jnp.where(finite, 1, 0).astype(state.n_steps.dtype),
     )
-    d = jnp.matmul(weights, j, precision=_HI)
+    d = combine_rows(weights, j)
     return jnp.where(finite, d, jnp.nan), weights, new_state
 
 

@@ -8,7 +8,13 @@ import jax
 import jax.numpy as jnp
 
 from softadapt_jax._checks import all_finite, check_choice, check_float
-from softadapt_jax.gradients.aggregators._core import Aggregator, check_jacobian, check_key, gramian_of
+from softadapt_jax.gradients.aggregators._core import (
+    Aggregator,
+    check_jacobian,
+    check_key,
+    combine_rows,
+    gramian_of,
+)
 
 GRADVAC_CONVENTIONS = ("torchjd", "libmtl")
 
@@ -204,7 +210,7 @@ def gradvac(*, beta: float = 0.5, eps: float = 1e-8, convention: str = "torchjd"
             d, new_phi = gradvac_direction_libmtl(j, phi, orders, beta=b, eps=e)
         else:
             w, new_phi = gradvac_weights(gramian_of(j), phi, orders, beta=b, eps=e)
-            d = jnp.matmul(w.astype(j.dtype), j, precision=jax.lax.Precision.HIGHEST)
+            d = combine_rows(w, j)
         new_phi = jnp.where(all_finite(j), new_phi, phi)
         return d, GradVacState(phi_hat=new_phi.astype(state.phi_hat.dtype))
 

@@ -40,6 +40,7 @@ from softadapt_jax.gradients.aggregators._core import (
     Aggregator,
     check_jacobian,
     check_losses,
+    combine_rows,
     from_weighting,
     gramian_of,
     no_state,
@@ -234,7 +235,7 @@ def _build(*, convention: str, max_iters: int, tol: float, normalization: str, c
         j = check_jacobian(jacobian)
         losses = check_losses(losses, j.shape[0], "mgda") if needs_losses else None
         w = weighting(gramian_of(j), losses=losses)
-        return jnp.matmul(w.astype(j.dtype), j, precision=jax.lax.Precision.HIGHEST), state
+        return combine_rows(w, j), state
 
     # w_k / ||g_k||: the direction does not scale with the gradients (the optax adapter must not
     # multiply back the power of two it scaled them by).

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from softadapt_jax._checks import check_choice, check_positive_int
-from softadapt_jax.gradients.aggregators._core import Aggregator, check_jacobian, gramian_of
+from softadapt_jax.gradients.aggregators._core import Aggregator, check_jacobian, combine_rows, gramian_of
 from softadapt_jax.gradients.aggregators._nash_solver import bargaining_point, ccp_subproblem
 
 _HI = jax.lax.Precision.HIGHEST
@@ -140,16 +140,16 @@ def nash_mtl_step(
     )
     if convention == "libmtl":
         weights = alpha.astype(jnp.float32).astype(dtype)
-        d = jnp.matmul(weights, j_safe, precision=_HI)
+        d = combine_rows(weights, j_safe)
         if max_norm > 0:
             norm = jnp.linalg.norm(d)
             d = d * jnp.minimum(1.0, max_norm / (norm + _CLIP_EPS))
     else:
         weights = alpha
         if max_norm > 0:
-            norm = jnp.linalg.norm(jnp.matmul(weights, j_safe, precision=_HI))
+            norm = jnp.linalg.norm(combine_rows(weights, j_safe))
             weights = jnp.where(norm > max_norm, weights / jnp.where(norm > 0, norm, 1.0) * max_norm, weights)
-        d = jnp.matmul(weights, j_safe, precision=_HI)
+        d = combine_rows(weights, j_safe)
     d = jnp.where(finite, d, jnp.nan)
     return d, weights, new_state
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softadapt_jax.gradients.aggregators._core import Aggregator, check_jacobian, gramian_of
+from softadapt_jax.gradients.aggregators._core import Aggregator, check_jacobian, combine_rows, gramian_of
 
 _HI = jax.lax.Precision.HIGHEST
 _QP_TOL = 1e-9  # a constraint violated by at most this times max diag(G) counts as satisfied
@@ -147,7 +147,7 @@ def pcd_step(
     denom = jnp.sqrt(debiased + eps)
     scales = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
     w = pcd_weights(gram_safe, scales, taus)
-    d = jnp.matmul(w, j, precision=_HI)
+    d = combine_rows(w, j)
     new_state = PCDState(
         sq_norm_ema=jnp.where(finite, ema, state.sq_norm_ema.astype(dtype)).astype(state.sq_norm_ema.dtype),
         n_steps=jnp.where(finite, n_new, state.n_steps),

@@ -5,9 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from softadapt_jax.gradients.aggregators._core import Aggregator, check_jacobian, check_key, no_state
+from softadapt_jax.gradients.aggregators._core import (
+    Aggregator,
+    check_jacobian,
+    check_key,
+    combine_rows,
+    no_state,
+)
 
 
 def random_weights(draws: jax.Array) -> jax.Array:
@@ -45,7 +50,7 @@ def random() -> Aggregator:
         j = check_jacobian(jacobian)
         key = check_key(key, "random")
         w = random_weights(jax.random.normal(key, (j.shape[0],), j.dtype))
-        return jnp.matmul(w, j, precision=jax.lax.Precision.HIGHEST), state
+        return combine_rows(w, j), state
 
     return Aggregator(name="random", init=no_state, update=update, needs_key=True)
 
