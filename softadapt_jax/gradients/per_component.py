@@ -437,13 +437,13 @@ def scaled_gram_of_leaves(leaves: list[jax.Array], *, scaled: bool = True) -> tu
         flat = leaf.reshape(k, -1).astype(dtype) * down
         # HIGHEST: on TPU the default matmul precision (bf16 passes) would spoil the solvers.
         g = g + jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST)
-    return row_major(g), exponent
+    return _row_major(g), exponent
 
 
 # --- pure helpers -------------------------------------------------------------------------------------
 
 
-def row_major(gram: jax.Array) -> jax.Array:
+def _row_major(gram: jax.Array) -> jax.Array:
     """``gram [K, K]`` unchanged, its producing products kept in row-major layout.
 
     The solvers hand the Gramian to LAPACK (svd, eigh), which wants its operand

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from softadapt_jax._checks import as_float_array, check_vector
-from softadapt_jax.gradients.per_component import row_major
+from softadapt_jax.gradients.per_component import _row_major
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +99,7 @@ def check_losses(losses: Any, k: int, agg_name: str) -> jax.Array:
 
 def gramian_of(jacobian: jax.Array) -> jax.Array:
     """``J J^T`` at full precision (the solvers need every digit; TPUs default to bf16 passes)."""
-    return row_major(jnp.matmul(jacobian, jacobian.T, precision=jax.lax.Precision.HIGHEST))
+    return _row_major(jnp.matmul(jacobian, jacobian.T, precision=jax.lax.Precision.HIGHEST))
 
 
 def combine_rows(weights: jax.Array, jacobian: jax.Array) -> jax.Array:
