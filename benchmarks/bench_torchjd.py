@@ -43,6 +43,15 @@ flagged row also gives each side's distance from torchjd run in float64 on the
 same Jacobian, to tell whose float32 arithmetic loses the digits. Disagreements
 and failures (the side that raised) are listed, never hidden.
 
+``--gramian`` adds, at every size, the Gramian ``J J^T`` alone (torch's
+``J @ J.T`` against the jitted ``J @ J.T``): the first operation of every
+Gramian-based method, so a floor for their times on each side; it is a
+reference row, outside the goal. ``--jax-dispatch sync`` starts JAX with
+``jax_cpu_enable_async_dispatch=False``, so that the calling thread runs each
+call as torch does, instead of JAX's default hand-off of every call to a
+worker thread; the setting is read once, when JAX starts its CPU client, so
+the two modes are two runs.
+
 Timing: interleaved rounds (rotating order), every call waited for, the median
 per call over rounds; the ratio is the median over rounds of torchjd's time over
 ours (above 1: ours is faster). The issue's goal is a ratio above 1 everywhere
@@ -99,6 +108,8 @@ class Pair:
       torchjd: ``K -> torchjd aggregator instance`` (a fresh one per call).
       random: the method draws random numbers (compare shapes only).
       min_k: the smallest K the method accepts.
+      ours: instead of the registry, ``K -> (J -> output)`` (the reference rows
+        that are no aggregator, such as the Gramian alone).
     """
 
     label: str
@@ -107,6 +118,7 @@ class Pair:
     torchjd: Callable[[int], Any]
     random: bool = False
     min_k: int = 2
+    ours: Callable[[int], Callable[[jax.Array], jax.Array]] | None = None
 
 
 def _no_config(k: int) -> dict[str, Any]:
@@ -175,6 +187,16 @@ PAIRS: tuple[Pair, ...] = (
     Pair("random", "random", _no_config, lambda k: tjd.Random(), random=True),
 )
 
+# The one operation every Gramian-based method starts with, alone on both sides (``--gramian``):
+# torch's ``J @ J.T`` against the jitted ``J @ J.T``, which bounds what those methods can gain.
+GRAMIAN = Pair(
+    "J J^T (Gramian alone)",
+    "gramian",
+    _no_config,
+    lambda k: (lambda j: j @ j.T),
+    ours=lambda k: (lambda j: j @ j.T),
+)
+
 
 def jacobian(k: int, n: int, seed: int, row_scales: tuple[float, ...]) -> np.ndarray:
     """The float32 ``J [k, n]`` every method gets at this size: Gaussian rows times ``row_scales``.
@@ -205,6 +227,12 @@ class OursRunner:
 
     def __init__(self, pair: Pair, jac: np.ndarray) -> None:
         k, n = jac.shape
+        self.jac = jnp.asarray(jac)
+        if pair.ours is not None:
+            fn = pair.ours(k)
+            self.state = ()
+            self.step = jax.jit(lambda j, state: (fn(j), state)).lower(self.jac, ()).compile()
+            return
         agg = aggregator(pair.name, **pair.config(k))
         if agg.needs_losses:  # no torchjd method reads the losses: a mismatch in PAIRS
             raise ValueError(f"aggregator {pair.name!r} reads the losses, torchjd's does not.")
@@ -213,7 +241,6 @@ class OursRunner:
         def step(j: jax.Array, state: Any) -> tuple[jax.Array, Any]:
             return agg.update(j, state, key=key)
 
-        self.jac = jnp.asarray(jac)
         self.state = agg.init(k, n, jnp.float32)
         self.step = jax.jit(step).lower(self.jac, self.state).compile()
 
@@ -280,6 +307,7 @@ def row_for(pair: Pair, jac: np.ndarray, repeats: int, round_s: float) -> dict[s
     """
     k, n = jac.shape
     row: dict[str, Any] = {"method": pair.label, "K": k, "n": n, "torchjd": "-", "ours": "-", "ratio": None}
+    row["reference"] = pair.ours is not None
     try:
         runners = {"torchjd": TorchjdRunner(pair, jac), "ours": OursRunner(pair, jac)}
         row["agree"], row["ok"] = agreement(pair, runners, jac)
@@ -305,6 +333,8 @@ def summary(rows: list[dict[str, Any]], pinn_n: int) -> list[str]:
             lines.append(f"- disagreement: {where}: {r['agree']}")
         if r.get("error"):
             lines.append(f"- failed: {where}: {r['error']}")
+        elif r["reference"]:
+            continue
         elif r["ratio"] < 1.0:
             lines.append(f"- slower than torchjd: {where}: {r['ratio']:.2f}x")
         elif r["n"] == pinn_n and r["ratio"] < 10.0:
@@ -325,11 +355,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the Jacobians")
     p.add_argument("--row-scales", default="1,10,0.1", help="comma-separated scales cycled over the rows")
     p.add_argument("--markdown", default=None, metavar="FILE", help="also write the table as markdown")
+    p.add_argument("--gramian", action="store_true", help="add a row per size for the Gramian J J^T alone")
+    p.add_argument(
+        "--jax-dispatch",
+        choices=("async", "sync"),
+        default="async",
+        help="JAX's CPU dispatch: 'async' (JAX's default: a worker thread runs each call) or 'sync' "
+        "(jax_cpu_enable_async_dispatch=False: the calling thread runs it, as torch does)",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # Read once, when JAX creates its CPU client: it must be set before the first computation.
+    jax.config.update("jax_cpu_enable_async_dispatch", args.jax_dispatch == "async")
     ks = [int(x) for x in (args.ks or ("2,4" if args.quick else "2,4,8,16")).split(",")]
     dims = [int(x) for x in (args.dims or ("8577" if args.quick else "8577,100000")).split(",")]
     repeats = args.repeats or (3 if args.quick else 15)
@@ -337,6 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     row_scales = tuple(float(x) for x in args.row_scales.split(","))
     wanted = None if args.names == "all" else set(args.names.split(","))
     pairs = [p for p in PAIRS if wanted is None or p.label in wanted or p.name in wanted]
+    if args.gramian:
+        pairs.insert(0, GRAMIAN)
     installed = importlib.metadata.version("torchjd")
     if installed != TORCHJD_VERSION:
         print(f"warning: torchjd {installed} is installed; the pairs are those of {TORCHJD_VERSION}")
@@ -371,6 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     header = (
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), torchjd {installed}; "
+        + f"JAX dispatch: {args.jax_dispatch}; "
         + machine_info_markdown()
     )
     notes = summary(rows, pinn_n=8577)

@@ -687,8 +687,17 @@ def main() -> None:
         help="repeat the whole benchmark in this many fresh processes and summarise the per-process "
         "ratios (a process's compiled steps can be a few %% faster or slower than in the next one)",
     )
+    parser.add_argument(
+        "--jax-dispatch",
+        choices=("async", "sync"),
+        default="async",
+        help="JAX's CPU dispatch: 'async' (JAX's default: a worker thread runs each call) or 'sync' "
+        "(jax_cpu_enable_async_dispatch=False: the calling thread runs it)",
+    )
     parser.add_argument("--json", default=None, help=argparse.SUPPRESS)  # per-process ratios, for --processes
     args = parser.parse_args()
+    # Read once, when JAX creates its CPU client: it must be set before the first computation.
+    jax.config.update("jax_cpu_enable_async_dispatch", args.jax_dispatch == "async")
     if args.processes > 1:
         run_processes(args)
         return
@@ -796,7 +805,7 @@ def main() -> None:
     print(machine + "\n")
     notes = [
         f"MLP 2-64-64-64-1 tanh ({num_params:,} parameters), batch {args.batch}, K={k} losses "
-        f"(residual layout `{args.residual_layout}`), adam(1e-3); "
+        f"(residual layout `{args.residual_layout}`), adam(1e-3), JAX dispatch `{args.jax_dispatch}`; "
         f"median of {repeats} interleaved rounds of {steps} consecutive dependent steps per method "
         f"(every round of an n={STAT_EVERY} row holds exactly {steps // STAT_EVERY} recompute step(s))."
     ]
