@@ -193,8 +193,8 @@ GRAMIAN = Pair(
     "J J^T (Gramian alone)",
     "gramian",
     _no_config,
-    lambda k: (lambda j: j @ j.T),
-    ours=lambda k: (lambda j: j @ j.T),
+    lambda k: lambda j: j @ j.T,
+    ours=lambda k: lambda j: j @ j.T,
 )
 
 
