@@ -6,6 +6,8 @@
   (frequency scaling, other processes) spreads over all of them. The median
   over rounds is reported.
 * :func:`markdown_table` formats rows as a GitHub markdown table.
+* :func:`add_jax_dispatch_option` / :func:`apply_jax_dispatch`: the
+  ``--jax-dispatch {async,sync}`` option of the scripts that time lone calls.
 * :func:`machine_info` collects what is needed to read the numbers: CPU model,
   core count, Python/JAX/jaxlib/NumPy versions, the JAX backend and the load
   average (timings on a shared, busy machine are inflated and noisy).
@@ -13,6 +15,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import platform
@@ -198,3 +201,23 @@ def _load_average() -> str:
 def machine_info_markdown() -> str:
     """:func:`machine_info` as one markdown line."""
     return "; ".join(f"**{k}**: {v}" for k, v in machine_info().items())
+
+
+def add_jax_dispatch_option(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--jax-dispatch {async,sync}`` (default ``async``, JAX's own default) to ``parser``."""
+    parser.add_argument(
+        "--jax-dispatch",
+        choices=("async", "sync"),
+        default="async",
+        help="JAX's CPU dispatch: 'async' (JAX's default: a worker thread runs each call) or 'sync' "
+        "(jax_cpu_enable_async_dispatch=False: the calling thread runs it, as torch does)",
+    )
+
+
+def apply_jax_dispatch(mode: str) -> None:
+    """Sets JAX's CPU dispatch mode; call it before the first computation.
+
+    JAX reads the setting once, when it creates its CPU client, so a later
+    change has no effect: the two modes are compared in two runs.
+    """
+    jax.config.update("jax_cpu_enable_async_dispatch", mode == "async")

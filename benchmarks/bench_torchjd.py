@@ -88,9 +88,23 @@ import jax.numpy as jnp
 from softadapt_jax.gradients.aggregators import aggregator
 
 try:  # python -m benchmarks.bench_torchjd
-    from benchmarks._timing import calls_per_round, machine_info_markdown, markdown_table, time_interleaved
+    from benchmarks._timing import (
+        add_jax_dispatch_option,
+        apply_jax_dispatch,
+        calls_per_round,
+        machine_info_markdown,
+        markdown_table,
+        time_interleaved,
+    )
 except ImportError:  # python benchmarks/bench_torchjd.py: benchmarks/ is on sys.path
-    from _timing import calls_per_round, machine_info_markdown, markdown_table, time_interleaved
+    from _timing import (
+        add_jax_dispatch_option,
+        apply_jax_dispatch,
+        calls_per_round,
+        machine_info_markdown,
+        markdown_table,
+        time_interleaved,
+    )
 
 TORCHJD_VERSION = "0.18.0"
 # Well above float32 rounding over sums of n products, well below what a wrong method gives.
@@ -356,20 +370,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--row-scales", default="1,10,0.1", help="comma-separated scales cycled over the rows")
     p.add_argument("--markdown", default=None, metavar="FILE", help="also write the table as markdown")
     p.add_argument("--gramian", action="store_true", help="add a row per size for the Gramian J J^T alone")
-    p.add_argument(
-        "--jax-dispatch",
-        choices=("async", "sync"),
-        default="async",
-        help="JAX's CPU dispatch: 'async' (JAX's default: a worker thread runs each call) or 'sync' "
-        "(jax_cpu_enable_async_dispatch=False: the calling thread runs it, as torch does)",
-    )
+    add_jax_dispatch_option(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    # Read once, when JAX creates its CPU client: it must be set before the first computation.
-    jax.config.update("jax_cpu_enable_async_dispatch", args.jax_dispatch == "async")
+    apply_jax_dispatch(args.jax_dispatch)
     ks = [int(x) for x in (args.ks or ("2,4" if args.quick else "2,4,8,16")).split(",")]
     dims = [int(x) for x in (args.dims or ("8577" if args.quick else "8577,100000")).split(",")]
     repeats = args.repeats or (3 if args.quick else 15)

@@ -121,6 +121,8 @@ from softadapt_jax import get_weights, softadapt, training, value_and_weighted_g
 
 try:  # python -m benchmarks.bench_train_step
     from benchmarks._timing import (
+        add_jax_dispatch_option,
+        apply_jax_dispatch,
         block,
         calls_per_round,
         fmt_us,
@@ -130,6 +132,8 @@ try:  # python -m benchmarks.bench_train_step
     )
 except ImportError:  # python benchmarks/bench_train_step.py: benchmarks/ is on sys.path
     from _timing import (
+        add_jax_dispatch_option,
+        apply_jax_dispatch,
         block,
         calls_per_round,
         fmt_us,
@@ -687,17 +691,10 @@ def main() -> None:
         help="repeat the whole benchmark in this many fresh processes and summarise the per-process "
         "ratios (a process's compiled steps can be a few %% faster or slower than in the next one)",
     )
-    parser.add_argument(
-        "--jax-dispatch",
-        choices=("async", "sync"),
-        default="async",
-        help="JAX's CPU dispatch: 'async' (JAX's default: a worker thread runs each call) or 'sync' "
-        "(jax_cpu_enable_async_dispatch=False: the calling thread runs it)",
-    )
+    add_jax_dispatch_option(parser)
     parser.add_argument("--json", default=None, help=argparse.SUPPRESS)  # per-process ratios, for --processes
     args = parser.parse_args()
-    # Read once, when JAX creates its CPU client: it must be set before the first computation.
-    jax.config.update("jax_cpu_enable_async_dispatch", args.jax_dispatch == "async")
+    apply_jax_dispatch(args.jax_dispatch)
     if args.processes > 1:
         run_processes(args)
         return
